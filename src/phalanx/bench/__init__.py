@@ -1,0 +1,1 @@
+"""Benchmarks behind `phalanx bench`: each measures phalanx against a peer in the same run."""

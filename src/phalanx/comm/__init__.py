@@ -1,0 +1,1 @@
+"""Transport: one process group per membership generation, collectives, shared-memory path."""

@@ -1,0 +1,190 @@
+"""One generation's communicator: a Gloo process group, the shared-memory path, NCCL for CUDA.
+
+A `Group` is built after each rendezvous and thrown away when membership changes. It runs
+every collective through one ordered executor, checks signatures across ranks (so a mismatch
+fails on every rank instead of hanging), and turns transport failures into `WorkerLost`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..errors import CollectiveMismatch, PhalanxError, WorkerLost
+from . import ops
+from .work import Handle, OrderedExecutor
+
+log = logging.getLogger("phalanx.comm")
+T = TypeVar("T")
+
+
+@dataclass(kw_only=True, slots=True)
+class Placement:
+    """Where this process sits in a generation."""
+
+    generation: int
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    hosts: list[str]
+    pids: list[int]
+
+
+class TransportError(RuntimeError):
+    """A process-group operation failed in transport (peer gone, connection reset, timeout)."""
+
+
+class Group:
+    """Collectives among the ranks of one generation."""
+
+    def __init__(self, place: Placement, store: dist.Store, config: Config, *, job_id: str,
+                 abort_check: Callable[[], str | None] | None = None,
+                 status: Callable[[], list[int]] | None = None) -> None:
+        self.place = place
+        self.config = config
+        self._store = store
+        self._abort_check = abort_check
+        self._lost_ranks = status
+        self.broken: str | None = None
+        timeout = timedelta(seconds=config.timeout)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=config.bind_addr)]
+        opts._timeout = timeout
+        try:
+            self.pg = dist.ProcessGroupGloo(store, place.rank, place.size, opts)
+        except RuntimeError as e:
+            raise WorkerLost(f"could not connect the generation {place.generation} process "
+                             f"group: {e}", generation=place.generation) from e
+        self._nccl: dist.ProcessGroup | None = None
+        self._exec = OrderedExecutor(f"phalanx-comm-g{place.generation}")
+        self.shm = None
+        self.shm_path = f"/dev/shm/phalanx-{job_id}-g{place.generation}"
+        if self._use_shm():
+            self._open_shm()
+
+    # ----------------------------------------------------------------- setup
+    def _use_shm(self) -> bool:
+        algo = self.config.allreduce_algo
+        one_host = self.place.size > 1 and self.place.local_size == self.place.size
+        if algo == "shm" and not one_host:
+            log.warning("allreduce_algo='shm' needs every rank on one host; using Gloo")
+        return one_host and algo in ("auto", "shm")
+
+    def _open_shm(self) -> None:
+        from .shm import ShmAllreduce
+        me = self.place.hosts[self.place.rank]
+        peers = [p for p, h in zip(self.place.pids, self.place.hosts) if h == me]
+        self.shm = ShmAllreduce(self.shm_path, self.place.local_rank, self.place.local_size,
+                                capacity_bytes=self.config.shm_max_bytes,
+                                timeout=self.config.timeout, peer_pids=peers,
+                                abort_check=self._abort_check)
+        # Once every rank has mapped the segment its name can go: nothing leaks on a crash.
+        self.wait(self.pg.barrier())
+        if self.place.local_rank == 0:
+            self.shm.unlink()
+
+    def close(self) -> None:
+        """Release the executor, the shared segment and the process groups."""
+        self._exec.close()
+        if self.shm is not None:
+            self.shm.unlink()
+            self.shm.close()
+            self.shm = None
+        for pg in (self._nccl, self.pg):
+            if pg is not None:
+                try:
+                    pg.shutdown()  # type: ignore[attr-defined]
+                except (RuntimeError, AttributeError):
+                    pass
+        self._nccl = None
+
+    # ----------------------------------------------------------------- plumbing
+    def _guard(self, what: str, fn: Callable[[], T]) -> T:
+        if self.broken:
+            raise WorkerLost(f"{what}: generation {self.place.generation} is broken "
+                             f"({self.broken}); re-form the group", generation=self.place.generation)
+        try:
+            return fn()
+        except WorkerLost as e:
+            self.broken = str(e)
+            raise
+        except TransportError as e:
+            lost = self._lost_ranks() if self._lost_ranks else []
+            who = f"rank(s) {lost}" if lost else "a peer"
+            self.broken = f"{who} failed during {what}"
+            raise WorkerLost(f"{what} failed on rank {self.place.rank}: {who} of generation "
+                             f"{self.place.generation} died, stopped or was cut off ({e})",
+                             lost_ranks=lost, generation=self.place.generation) from e
+
+    def run(self, what: str, fn: Callable[[], T]) -> T:
+        """Run a collective now, in issue order."""
+        return self._exec.run(lambda: self._guard(what, fn))
+
+    def submit(self, what: str, fn: Callable[[], T]) -> Handle[T]:
+        """Queue a collective on the comm thread; the handle's wait() returns its result."""
+        return self._exec.submit(lambda: self._guard(what, fn))
+
+    def wait(self, work: dist.Work) -> None:
+        """Wait for a process-group operation; transport failures become TransportError."""
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise TransportError(str(e)) from e
+
+    def agree(self, sig: tuple[int, ...], skip_dim0: bool = False) -> list[tuple[int, ...]]:
+        """Exchange signatures; raise CollectiveMismatch on every rank if they differ."""
+        reason = self._abort_check() if self._abort_check else None
+        if reason:
+            raise WorkerLost(reason, generation=self.place.generation)
+        mine = torch.tensor(sig, dtype=torch.int64)
+        out = torch.empty(self.place.size * len(sig), dtype=torch.int64)
+        self.wait(self.pg._allgather_base(out, mine))
+        sigs = [tuple(int(v) for v in row) for row in out.view(self.place.size, len(sig)).tolist()]
+        if self.config.check_collectives:
+            msg = ops.mismatch_message(sigs, skip_dim0)
+            if msg:
+                raise CollectiveMismatch(msg)
+        return sigs
+
+    def nccl(self) -> dist.ProcessGroup:
+        """The NCCL group for CUDA tensors, created on first use."""
+        if self._nccl is None:
+            if not dist.is_nccl_available():
+                raise PhalanxError("a CUDA tensor was passed but this torch build has no NCCL")
+            from .store import CoordStore
+            store = (CoordStore(self._store._client, f"g{self.place.generation}/nccl")  # type: ignore[attr-defined]
+                     if hasattr(self._store, "_client") else dist.PrefixStore("nccl", self._store))
+            torch.cuda.set_device(self.place.local_rank % max(1, torch.cuda.device_count()))
+            self._nccl = dist.ProcessGroupNCCL(store, self.place.rank, self.place.size,
+                                               timedelta(seconds=self.config.timeout))
+        return self._nccl
+
+    def pids(self) -> list[int]:
+        return list(self.place.pids)
+
+
+def shm_cleanup(job_id: str) -> int:
+    """Remove every shared-memory segment of a job (the launcher calls this at exit)."""
+    removed = 0
+    prefix = f"phalanx-{job_id}-"
+    try:
+        names = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

@@ -1,0 +1,95 @@
+"""Pure decision policies of the coordinator: who is lost, when a new world forms, rank order.
+
+Functions here take plain status objects and return decisions with a reason string, so they
+are unit-tested without processes and the coordinator can log why it did what it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True, slots=True)
+class MemberStatus:
+    """What the coordinator knows about one worker."""
+
+    worker: str
+    """Stable worker id (the launcher's, or one a joining worker made up)."""
+    host: str
+    """Host name the worker runs on; ranks on one host share memory."""
+    rank_hint: int = -1
+    """Rank the launcher asked for (used to order the first generation), -1 if none."""
+    last_heartbeat: float = 0.0
+    """Coordinator clock time of the last heartbeat."""
+    alive: bool = True
+    """False once declared lost or departed."""
+    waiting: bool = False
+    """True while blocked in rendezvous for a newer generation."""
+    step: int = -1
+    """Last training step the worker reported completed (used to pick who heals whom)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Decision:
+    """A decision plus the reason it was taken, for the log."""
+
+    act: bool
+    reason: str
+    members: list[str] = field(default_factory=list)
+
+
+def find_lost(members: list[MemberStatus], now: float, heartbeat_timeout: float) -> Decision:
+    """Workers alive in our books whose last heartbeat is older than the timeout."""
+    lost = [m.worker for m in members
+            if m.alive and m.last_heartbeat and now - m.last_heartbeat > heartbeat_timeout]
+    if not lost:
+        return Decision(act=False, reason="all heartbeats fresh")
+    return Decision(act=True, members=lost,
+                    reason=f"no heartbeat for more than {heartbeat_timeout:.2f}s from {lost}")
+
+
+def order_world(members: list[MemberStatus], previous: list[str]) -> list[str]:
+    """Rank order for a new generation.
+
+    Survivors keep their relative order (so rank 0 stays rank 0 when it survives); newcomers
+    follow, ordered by rank hint then id. Workers of one host are kept together so local ranks
+    are contiguous, which the intra-host shared-memory path relies on.
+    """
+    prev_pos = {w: i for i, w in enumerate(previous)}
+    def key(m: MemberStatus) -> tuple[int, int, str]:
+        if m.worker in prev_pos:
+            return (0, prev_pos[m.worker], m.worker)
+        return (1, m.rank_hint if m.rank_hint >= 0 else 1 << 30, m.worker)
+    ordered = sorted(members, key=key)
+    hosts: list[str] = []
+    for m in ordered:
+        if m.host not in hosts:
+            hosts.append(m.host)
+    return [m.worker for h in hosts for m in ordered if m.host == h]
+
+
+def should_form(members: list[MemberStatus], *, first: bool, target_np: int, min_np: int,
+                max_np: int, waited: float, settle: float) -> Decision:
+    """Whether to form the next generation now, and of whom.
+
+    The first generation waits for `target_np` workers. Later ones form once every live worker
+    is waiting and at least `min_np` are; newcomers beyond `max_np` wait outside. `settle`
+    seconds after the first worker began waiting, live workers that have not come are left out
+    if enough are waiting (they will be told to rejoin at the next boundary).
+    """
+    alive = [m for m in members if m.alive]
+    waiting = [m for m in alive if m.waiting]
+    if first:
+        if len(waiting) >= target_np:
+            chosen = sorted(waiting, key=lambda m: (m.rank_hint, m.worker))[:max_np]
+            return Decision(act=True, members=[m.worker for m in chosen],
+                            reason=f"{len(waiting)} of {target_np} workers joined")
+        return Decision(act=False, reason=f"waiting for workers: {len(waiting)} of {target_np}")
+    if len(waiting) < min_np:
+        return Decision(act=False, reason=f"{len(waiting)} waiting, fewer than min_np={min_np}")
+    if len(waiting) == len(alive) or waited >= settle:
+        chosen = waiting[:max_np]
+        why = "every live worker is waiting" if len(waiting) == len(alive) else (
+            f"settle time {settle:.1f}s passed with {len(waiting)} of {len(alive)} waiting")
+        return Decision(act=True, members=[m.worker for m in chosen], reason=why)
+    return Decision(act=False, reason=f"{len(waiting)} of {len(alive)} live workers waiting")

@@ -1,0 +1,80 @@
+"""The one place PHALANX_* environment variables are named and read.
+
+The launcher writes these for each worker; `phalanx.init()` reads them. Nothing else in the
+package touches os.environ for phalanx settings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+RANK = "PHALANX_RANK"
+SIZE = "PHALANX_SIZE"
+LOCAL_RANK = "PHALANX_LOCAL_RANK"
+LOCAL_SIZE = "PHALANX_LOCAL_SIZE"
+WORKER_ID = "PHALANX_WORKER_ID"
+COORD_ADDR = "PHALANX_COORD_ADDR"
+SECRET = "PHALANX_SECRET"
+JOB_ID = "PHALANX_JOB_ID"
+HOST = "PHALANX_HOST"
+BIND_ADDR = "PHALANX_BIND_ADDR"
+TIMEOUT = "PHALANX_TIMEOUT"
+HEARTBEAT_INTERVAL = "PHALANX_HEARTBEAT_INTERVAL"
+ALLREDUCE_ALGO = "PHALANX_ALLREDUCE"
+SHM_MAX_BYTES = "PHALANX_SHM_MAX_BYTES"
+CHECK_COLLECTIVES = "PHALANX_CHECK_COLLECTIVES"
+CHAOS = "PHALANX_CHAOS"
+ELASTIC = "PHALANX_ELASTIC"
+LOG_LEVEL = "PHALANX_LOG_LEVEL"
+
+ALL = (RANK, SIZE, LOCAL_RANK, LOCAL_SIZE, WORKER_ID, COORD_ADDR, SECRET, JOB_ID, HOST,
+       BIND_ADDR, TIMEOUT, HEARTBEAT_INTERVAL, ALLREDUCE_ALGO, SHM_MAX_BYTES,
+       CHECK_COLLECTIVES, CHAOS, ELASTIC, LOG_LEVEL)
+
+
+def get_str(name: str, default: str | None = None) -> str | None:
+    """The variable's value, or `default` when unset or empty."""
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def get_int(name: str, default: int) -> int:
+    """The variable as an int; a non-integer value is a ConfigError naming it."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; unset it or set a whole number") from None
+
+
+def get_float(name: str, default: float) -> float:
+    """The variable as a float; a bad value is a ConfigError naming it."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or set e.g. {default}") from None
+
+
+def get_bool(name: str, default: bool) -> bool:
+    """The variable as a bool (1/0, true/false, yes/no, on/off)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+
+
+def launched() -> bool:
+    """True when this process was started by `phalanx run` (a coordinator address is set)."""
+    return bool(os.environ.get(COORD_ADDR))

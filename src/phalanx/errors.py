@@ -1,0 +1,33 @@
+"""The exception hierarchy of phalanx: every error a user can catch from the library."""
+
+from __future__ import annotations
+
+
+class PhalanxError(RuntimeError):
+    """Base of every error phalanx raises on purpose."""
+
+
+class ConfigError(PhalanxError, ValueError):
+    """A bad argument, flag or environment variable; the message names it and suggests a fix."""
+
+
+class RendezvousError(PhalanxError):
+    """Joining the job failed: the coordinator is unreachable, rejected us, or timed out."""
+
+
+class CollectiveMismatch(PhalanxError):
+    """Ranks called a collective with a different op, shape, dtype or name."""
+
+
+class WorkerLost(PhalanxError):
+    """A peer died, stopped or was fenced during a collective; recoverable by re-forming the group."""
+
+    def __init__(self, message: str, *, lost_ranks: list[int] | None = None,
+                 generation: int | None = None) -> None:
+        super().__init__(message)
+        self.lost_ranks = list(lost_ranks or [])
+        self.generation = generation
+
+
+class AuthenticationError(PhalanxError):
+    """A coordinator message failed its HMAC check (wrong or missing job secret)."""

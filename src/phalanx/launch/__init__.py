@@ -1,0 +1,1 @@
+"""The `phalanx` command line: run (spawn, supervise, respawn workers; host the coordinator), bench."""

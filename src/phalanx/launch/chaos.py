@@ -1,0 +1,72 @@
+"""Fault injection specs: `--chaos kill:rank=2,step=40`, `stop:rank=1,step=10`, `kill:random,every=50`.
+
+Parsing is pure; workers act on the spec at step boundaries by sending a real signal to
+themselves (SIGKILL, or SIGSTOP which the coordinator then detects by missing heartbeats).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from dataclasses import dataclass
+
+KINDS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ChaosRule:
+    """One fault: which signal, which rank (or random), at which step or every N steps."""
+
+    kind: str
+    rank: int | None = None
+    step: int | None = None
+    every: int | None = None
+    seed: int = 0
+
+
+def parse_chaos(spec: str) -> list[ChaosRule]:
+    """Parse ';'-separated rules like 'kill:rank=2,step=40'; ValueError names the bad part."""
+    rules: list[ChaosRule] = []
+    for part in filter(None, (s.strip() for s in spec.split(";"))):
+        kind, _, rest = part.partition(":")
+        if kind not in KINDS:
+            raise ValueError(f"--chaos {part!r}: kind {kind!r} is not one of {sorted(KINDS)}")
+        fields: dict[str, int | None] = {"rank": None, "step": None, "every": None, "seed": 0}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if key == "random" and not eq:
+                continue
+            if key not in fields or not eq or not value.lstrip("-").isdigit():
+                raise ValueError(f"--chaos {part!r}: bad field {item!r}; expected rank=N, step=N, "
+                                 "every=N, seed=N or random")
+            fields[key] = int(value)
+        if fields["step"] is None and fields["every"] is None:
+            raise ValueError(f"--chaos {part!r}: give step=N or every=N")
+        rules.append(ChaosRule(kind=kind, rank=fields["rank"], step=fields["step"],
+                               every=fields["every"], seed=fields["seed"] or 0))
+    if not rules:
+        raise ValueError("--chaos is empty; e.g. kill:rank=2,step=40")
+    return rules
+
+
+def should_fire(rule: ChaosRule, *, rank: int, size: int, step: int) -> bool:
+    """Pure: does this rule hit this rank at this step?"""
+    if rule.step is not None:
+        hit = step == rule.step
+    else:
+        assert rule.every is not None  # parse_chaos guarantees one of the two
+        hit = step > 0 and step % rule.every == 0
+    if not hit:
+        return False
+    if rule.rank is not None:
+        return rank == rule.rank
+    # Random victim, the same on every rank for a given step so exactly one rank fires.
+    return random.Random(rule.seed * 1_000_003 + step).randrange(size) == rank
+
+
+def maybe_inject(rules: list[ChaosRule], *, rank: int, size: int, step: int) -> None:
+    """Send ourselves the rule's signal if it fires now."""
+    for rule in rules:
+        if should_fire(rule, rank=rank, size=size, step=step):
+            os.kill(os.getpid(), KINDS[rule.kind])

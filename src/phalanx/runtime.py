@@ -1,0 +1,131 @@
+"""This process's membership in a job: coordinator link, current generation and its `Group`.
+
+`init()` joins the job that `phalanx run` started (reading the environment it wrote), or, run
+as a plain script, forms a one-worker job with the same API. `reform()` is the elastic path:
+drop the broken group, rendezvous for the next generation, and build a fresh group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+
+import torch.distributed as dist
+
+from . import env
+from .comm.group import Group, Placement
+from .comm.store import CoordStore
+from .config import Config
+from .coord.client import CoordClient
+from .errors import ConfigError, RendezvousError
+
+log = logging.getLogger("phalanx")
+
+
+class Runtime:
+    """Everything one worker process holds about the job it belongs to."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.host = env.get_str(env.HOST) or socket.gethostname()
+        self.job_id = env.get_str(env.JOB_ID) or f"solo{os.getpid()}"
+        self.worker = env.get_str(env.WORKER_ID) or f"{self.host}-{os.getpid()}"
+        self.client: CoordClient | None = None
+        self.group: Group
+        self.step = -1
+        addr = env.get_str(env.COORD_ADDR)
+        if addr:
+            secret = env.get_str(env.SECRET) or ""
+            if not secret:
+                raise ConfigError(f"{env.COORD_ADDR} is set but {env.SECRET} is not; start "
+                                  "workers with `phalanx run`, which sets both")
+            self.object_key = hashlib.sha256(b"phalanx-objects" + secret.encode()).digest()
+            self.client = CoordClient(addr, secret, self.worker)
+            self.client.join(host=self.host, rank_hint=env.get_int(env.RANK, -1), pid=os.getpid())
+            self.client.start_heartbeat(config.heartbeat_interval)
+            self.group = self._form(after=0)
+        else:
+            self.object_key = os.urandom(32)
+            place = Placement(generation=1, rank=0, size=1, local_rank=0, local_size=1,
+                              hosts=[self.host], pids=[os.getpid()])
+            self.group = Group(place, dist.HashStore(), config, job_id=self.job_id)
+
+    def _form(self, after: int) -> Group:
+        assert self.client is not None  # only called for launched jobs
+        a = self.client.rendezvous(after=after, step=self.step, timeout=max(60.0, self.config.timeout))
+        place = Placement(generation=a["generation"], rank=a["rank"], size=a["size"],
+                          local_rank=a["local_rank"], local_size=a["local_size"],
+                          hosts=a["hosts"], pids=a["pids"])
+        self.steps = list(a.get("steps", []))
+        store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout)
+        return Group(place, store, self.config, job_id=self.job_id,
+                     abort_check=self.client.abort_reason, status=self._lost_ranks)
+
+    def _lost_ranks(self) -> list[int]:
+        if self.client is None:
+            return []
+        # The coordinator learns of a death from the heartbeat socket closing; give it a moment.
+        deadline = time.monotonic() + min(1.0, self.config.heartbeat_timeout)
+        while True:
+            try:
+                reply, _ = self.client.request({"op": "status",
+                                                "generation": self.group.place.generation})
+            except RendezvousError:
+                return []
+            lost = list(reply.get("lost_ranks", []))
+            if lost or time.monotonic() >= deadline:
+                return lost
+            time.sleep(0.02)
+
+    def reform(self) -> Group:
+        """Leave the current generation and join the next one (elastic recovery)."""
+        if self.client is None:
+            raise RendezvousError("reform() needs a job started by `phalanx run`")
+        old = self.group
+        old.close()
+        self.group = self._form(after=old.place.generation)
+        return self.group
+
+    def shutdown(self) -> None:
+        try:
+            self.group.close()
+        finally:
+            if self.client is not None:
+                self.client.close(leave=True)
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def init(config: Config | None = None) -> Runtime:
+    """Join the job (idempotent). Reads PHALANX_* variables written by `phalanx run`."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime(config or Config.from_env())
+            atexit.register(shutdown)
+        return _runtime
+
+
+def current() -> Runtime:
+    """The runtime, initialising on first use."""
+    return _runtime if _runtime is not None else init()
+
+
+def is_initialized() -> bool:
+    return _runtime is not None
+
+
+def shutdown() -> None:
+    """Leave the job and free its resources; safe to call twice."""
+    global _runtime
+    with _lock:
+        rt, _runtime = _runtime, None
+    if rt is not None:
+        rt.shutdown()

@@ -1,0 +1,60 @@
+"""The seam between `phalanx.train` and the collective runtime.
+
+Every collective the training layer issues goes through these few functions, which import
+`phalanx` lazily so that importing `phalanx.train` has no side effects and unit tests can replace
+this module's functions with an in-process fake (see `tests/test_train_unit.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Handle(Protocol):
+    """An in-flight collective; `wait()` blocks until it is done and returns its result."""
+
+    def wait(self) -> Any: ...
+
+
+def rank() -> int:
+    """This worker's rank in the current job."""
+    import phalanx as px
+    return int(px.rank())
+
+
+def size() -> int:
+    """The number of workers in the current job."""
+    import phalanx as px
+    return int(px.size())
+
+
+def allreduce_async_(t: torch.Tensor, op: str, name: str | None = None) -> Handle:
+    """Start an in-place allreduce of `t`; handles complete in issue order."""
+    import phalanx as px
+    return px.allreduce_async_(t, op=op, name=name)
+
+
+def allgather_async(t: torch.Tensor) -> Handle:
+    """Start an allgather of `t` along dim 0; `wait()` returns the concatenation."""
+    import phalanx as px
+    return px.allgather_async(t)
+
+
+def allreduce(t: torch.Tensor, op: str, name: str | None = None) -> torch.Tensor:
+    """Blocking out-of-place allreduce."""
+    import phalanx as px
+    return px.allreduce(t, op=op, name=name)
+
+
+def broadcast_(t: torch.Tensor, root: int) -> torch.Tensor:
+    """Blocking in-place broadcast of `t` from `root`."""
+    import phalanx as px
+    return px.broadcast_(t, root=root)
+
+
+def broadcast_object(obj: Any, root: int) -> Any:
+    """Broadcast a picklable object from `root`; every rank returns root's object."""
+    import phalanx as px
+    return px.broadcast_object(obj, root=root)

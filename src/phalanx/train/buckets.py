@@ -1,0 +1,100 @@
+"""Fusion buckets: how gradients are grouped into a few large flat buffers for reduction.
+
+Buckets are built once from the parameters in reverse registration order (the order backward
+usually produces gradients, as in DDP), split by dtype and capped in bytes. The layout depends only
+on the parameters' order, shapes and dtypes, so every rank builds the same buckets and issues the
+same collectives in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class Bucket:
+    """A group of same-dtype parameters reduced together as one flat buffer."""
+
+    index: int
+    """Position in the fixed launch order (every rank launches bucket 0, then 1, ...)."""
+
+    params: list[torch.nn.Parameter]
+    """The parameters packed into this bucket, in packing order."""
+
+    names: list[str]
+    """Their names, for error messages and per-parameter views."""
+
+    offsets: list[int]
+    """Start of each parameter's slice in the flat buffer."""
+
+    numel: int
+    """Total number of gradient elements (the presence flags are not counted)."""
+
+    dtype: torch.dtype
+    """The dtype of every parameter (and of the flat buffer)."""
+
+    buffer: torch.Tensor | None = field(default=None)
+    """Flat buffer of `numel + len(params)` elements: gradients, then one presence flag per
+    parameter (1 where this rank produced a gradient). Allocated on first use."""
+
+    def flat(self, device: torch.device) -> torch.Tensor:
+        """The bucket's flat buffer, allocated once."""
+        if self.buffer is None or self.buffer.device != device:
+            self.buffer = torch.empty(self.numel + len(self.params), dtype=self.dtype,
+                                      device=device)
+        return self.buffer
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy each parameter's gradient (zeros where it has none; sparse made dense) into the
+        buffer; returns views (gradients, presence flags)."""
+        device = self.params[0].device
+        buf = self.flat(device)
+        grads, presence = buf[:self.numel], buf[self.numel:]
+        for j, (p, off) in enumerate(zip(self.params, self.offsets)):
+            dst = grads[off:off + p.numel()]
+            g = p.grad
+            if g is None:
+                dst.zero_()
+                presence[j] = 0
+                continue
+            if g.is_sparse:
+                g = g.to_dense()
+            dst.copy_(g.reshape(-1))
+            presence[j] = 1
+        return grads, presence
+
+    def unpack(self, grads: torch.Tensor, presence: torch.Tensor) -> None:
+        """Write reduced gradients back into `p.grad`; a parameter no rank produced a gradient for
+        keeps `grad=None`, as it would in one process."""
+        present = (presence > 0).tolist()
+        for p, off, has in zip(self.params, self.offsets, present):
+            src = grads[off:off + p.numel()].view_as(p)
+            if p.grad is not None and not p.grad.is_sparse:
+                p.grad.copy_(src)
+            elif has:
+                p.grad = src.clone()
+
+
+def build_buckets(named_params: list[tuple[str, torch.nn.Parameter]],
+                  cap_bytes: int) -> list[Bucket]:
+    """Group parameters into buckets of at most `cap_bytes` (a single larger parameter gets its
+    own bucket), walking `named_params` in reverse and keeping one open bucket per dtype."""
+    buckets: list[Bucket] = []
+    open_: dict[torch.dtype, Bucket] = {}
+    for name, p in reversed(named_params):
+        nbytes = p.numel() * p.element_size()
+        b = open_.get(p.dtype)
+        if b is not None and b.params and (b.numel * p.element_size() + nbytes > cap_bytes):
+            b = None
+        if b is None:
+            b = Bucket(index=len(buckets), params=[], names=[], offsets=[], numel=0,
+                       dtype=p.dtype)
+            buckets.append(b)
+            open_[p.dtype] = b
+        b.params.append(p)
+        b.names.append(name)
+        b.offsets.append(b.numel)
+        b.numel += p.numel()
+    return buckets

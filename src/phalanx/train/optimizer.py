@@ -1,0 +1,257 @@
+"""DistributedOptimizer: data-parallel gradient averaging with fusion, overlap and compression.
+
+Wraps any `torch.optim.Optimizer`. A post-accumulate-grad hook on every trainable parameter marks
+its gradient ready during backward; fusion buckets (`buckets.py`) launch their asynchronous
+reduction strictly in bucket order as soon as every gradient in them is ready, so communication
+overlaps the rest of backward. `step()` launches whatever is left (zeros for parameters without a
+gradient, so unused parameters never hang), waits, writes the reduced gradients back to `p.grad`
+and calls the wrapped optimizer. Because each rank launches every bucket exactly once per step in
+the same order, ranks never issue mismatched collectives, whatever subset of parameters each used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, PhalanxError
+from .buckets import Bucket, build_buckets
+from .compression import COMPRESSIONS, Compressor, Pending, make_compressor
+
+OPS = ("avg", "sum", "min", "max", "prod")
+"""Valid values of `DistributedOptimizer(op=...)`."""
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Average gradients across workers before each step of a wrapped torch optimizer.
+
+    Usage::
+
+        opt = DistributedOptimizer(torch.optim.AdamW(model.parameters()), model=model)
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+    To clip gradients, call `synchronize()` first, then step inside `skip_synchronize()`.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
+                 named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
+                 op: str = "avg", compression: str = "none", topk_ratio: float = 0.01,
+                 bucket_cap_mb: float = 25, backward_passes_per_step: int = 1) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer;"
+                              " pass e.g. torch.optim.SGD(model.parameters(), lr=0.1)")
+        if isinstance(optimizer, DistributedOptimizer):
+            raise ConfigError("optimizer is already a DistributedOptimizer; wrap the plain torch "
+                              "optimizer only once")
+        if op not in OPS:
+            raise ConfigError(f"op={op!r} is not one of {OPS}; use 'avg' to average gradients")
+        if compression not in COMPRESSIONS:
+            raise ConfigError(f"compression={compression!r} is not one of {COMPRESSIONS}; "
+                              "use 'none' for exact averaging or 'fp16' to halve traffic")
+        if compression in ("1bit", "topk") and op not in ("avg", "sum"):
+            raise ConfigError(f"compression={compression!r} supports op 'avg' or 'sum', got "
+                              f"op={op!r}; use compression='none' with op={op!r}")
+        if not 0 < topk_ratio <= 1:
+            raise ConfigError(f"topk_ratio={topk_ratio!r} must be in (0, 1]; e.g. 0.01 keeps 1%")
+        if not bucket_cap_mb > 0:
+            raise ConfigError(f"bucket_cap_mb={bucket_cap_mb!r} must be > 0; the default is 25")
+        if not (isinstance(backward_passes_per_step, int) and backward_passes_per_step >= 1):
+            raise ConfigError(f"backward_passes_per_step={backward_passes_per_step!r} must be an "
+                              "int >= 1; use 1 to reduce after every backward")
+        if model is not None and named_parameters is not None:
+            raise ConfigError("pass model= or named_parameters=, not both")
+        self._opt = optimizer
+        self.op, self.compression, self.topk_ratio = op, compression, topk_ratio
+        self.bucket_cap_mb = bucket_cap_mb
+        self.backward_passes_per_step = backward_passes_per_step
+        self._compressor: Compressor = make_compressor(compression, topk_ratio)
+        if model is not None:
+            named_parameters = model.named_parameters()
+        self._names: dict[torch.Tensor, str] = {}
+        for name, p in named_parameters or ():
+            self._names.setdefault(p, name)
+        self._hooks: list[Any] = []
+        self._buckets: list[Bucket] = []
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}
+        self._reset_step()
+        self._last_was_step = False
+        self._in_skip = False
+        self._build()
+
+    # ---- delegation: the wrapped optimizer owns groups, state, hooks and defaults ----
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self._opt.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._opt.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._opt.defaults
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped torch optimizer."""
+        return self._opt
+
+    def __getattr__(self, name: str) -> Any:
+        opt = self.__dict__.get("_opt")
+        if opt is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(opt, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise PhalanxError("DistributedOptimizer cannot be pickled; save optimizer.state_dict()")
+
+    def __repr__(self) -> str:
+        return f"DistributedOptimizer({self._opt!r}, compression={self.compression!r})"
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._opt.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._opt.load_state_dict(state_dict)
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        return self._opt.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+        return self._opt.register_step_post_hook(hook)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer and rebuild the buckets (between steps only)."""
+        self._require_idle("add_param_group()")
+        self._opt.add_param_group(param_group)
+        self._build()
+
+    # ---- public training API ----
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients; refused while reductions of this step's gradients are in flight."""
+        if self._next_launch > 0 and not self._synced:
+            raise PhalanxError(
+                f"zero_grad() called while {self._next_launch} gradient reduction(s) of this step "
+                "are in flight (backward() ran, step() did not); call step() or synchronize() "
+                "before zero_grad(), or zero_grad() before backward()")
+        self._reset_step()
+        self._opt.zero_grad(set_to_none=set_to_none)
+
+    def synchronize(self) -> None:
+        """Launch every bucket not yet launched, wait for all, and write the reduced gradients
+        into `p.grad`. Idempotent until the next backward; pair with `skip_synchronize()`."""
+        if self._synced:
+            return
+        for b in self._buckets[self._next_launch:]:
+            self._launch(b)
+        pending, self._pending = self._pending, []
+        for bucket, handle in pending:
+            handle.wait()
+            assert bucket.buffer is not None
+            bucket.unpack(bucket.buffer[:bucket.numel], bucket.buffer[bucket.numel:])
+        self._synced = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """Inside this context `step()` does not reduce: use after a manual `synchronize()`."""
+        self._in_skip = True
+        try:
+            yield
+        finally:
+            self._in_skip = False
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Reduce this step's gradients (unless inside `skip_synchronize()`) and step."""
+        if closure is not None:
+            raise ConfigError("step(closure=...) is not supported by DistributedOptimizer (the "
+                              "closure's backward would bypass gradient reduction); use an "
+                              "optimizer without a closure, e.g. SGD or AdamW")
+        if self._last_was_step and not self._touched:
+            raise PhalanxError("step() called twice without a backward() in between; call "
+                               "zero_grad() and backward() before each step()")
+        if self._in_skip:
+            if not self._synced:
+                raise PhalanxError("step() inside skip_synchronize() but synchronize() was not "
+                                   "called since backward(); call opt.synchronize() first")
+        else:
+            self.synchronize()
+        result = self._opt.step()
+        self._reset_step()
+        self._last_was_step = True
+        return result
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks from the parameters (the optimizer stops reducing)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        """The fusion buckets in launch order (read-only use: inspection and tests)."""
+        return self._buckets
+
+    # ---- internals ----
+    def _build(self) -> None:
+        self.remove_hooks()
+        seen: set[torch.Tensor] = set()
+        opt_params: list[torch.nn.Parameter] = []
+        for group in self._opt.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p not in seen:
+                    seen.add(p)
+                    opt_params.append(p)
+        # Registration order: the model's when given (what backward reverses), else the optimizer's.
+        ordered = [p for p in self._names if p in seen]
+        ordered += [p for p in opt_params if p not in self._names]
+        named = [(self._names.get(p, f"param{i}"), p) for i, p in enumerate(ordered)]
+        self._buckets = build_buckets(named, int(self.bucket_cap_mb * (1 << 20)))
+        self._where = {p: (b.index, j) for b in self._buckets for j, p in enumerate(b.params)}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in ordered]
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._counts: dict[torch.Tensor, int] = {}
+        self._missing = [len(b.params) for b in self._buckets]
+        self._next_launch = 0
+        self._pending: list[tuple[Bucket, Pending]] = []
+        self._synced = False
+        self._touched = False
+
+    def _require_idle(self, what: str) -> None:
+        if self._touched or self._pending:
+            raise PhalanxError(f"{what} called between backward() and step(); call it before "
+                               "backward() or after step()")
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if self._synced:
+            raise PhalanxError("backward() ran after synchronize() and before step(); call "
+                               "step() (inside skip_synchronize()) or zero_grad() first")
+        self._touched = True
+        self._last_was_step = False
+        count = self._counts.get(p, 0) + 1
+        self._counts[p] = count
+        k = self.backward_passes_per_step
+        if count > k:
+            raise PhalanxError(
+                f"backward() produced a gradient for {self._where_name(p)} {count} times since the "
+                f"last step() but backward_passes_per_step={k}; call step() every {k} backward "
+                f"passes or raise backward_passes_per_step")
+        if count < k:
+            return
+        bi, _ = self._where[p]
+        self._missing[bi] -= 1
+        while self._next_launch < len(self._buckets) and self._missing[self._next_launch] == 0:
+            self._launch(self._buckets[self._next_launch])
+
+    def _where_name(self, p: torch.Tensor) -> str:
+        bi, j = self._where[p]
+        return repr(self._buckets[bi].names[j])
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.pack()
+        self._pending.append((bucket, self._compressor.start(bucket, self.op)))
+        self._next_launch = bucket.index + 1

@@ -2,7 +2,7 @@
 
 Run on 4 workers (each trains on its shard; rank 0 prints):
 
-    phalanx run -np 4 python examples/train_digits.py --epochs 20 --compression none
+    phalanx run -np 4 examples/train_digits.py --epochs 20 --compression none
 
 (or `python -m phalanx.launch.cli run -np 4 examples/train_digits.py`); plain
 `python examples/train_digits.py` is a one-worker job. Expect ~95%+ test accuracy in a few seconds.

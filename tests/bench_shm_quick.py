@@ -45,6 +45,11 @@ def _worker(rank: int, size: int, path: str, port: int, threads: int, block: int
                        block_bytes=block)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size)
+    # Busy warm-up: real trainers compute between collectives, which makes the scheduler
+    # spread the ranks over the cores; idle freshly spawned processes often share one core.
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        pass
     res = []
     try:
         for nbytes in SIZES:

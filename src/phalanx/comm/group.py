@@ -8,7 +8,6 @@ fails on every rank instead of hanging), and turns transport failures into `Work
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from ..launch.shmfiles import segment_path
 from ..errors import CollectiveMismatch, PhalanxError, WorkerLost
 from . import ops
 from .work import Handle, OrderedExecutor
@@ -67,7 +67,7 @@ class Group:
         self._nccl: dist.ProcessGroup | None = None
         self._exec = OrderedExecutor(f"phalanx-comm-g{place.generation}")
         self.shm = None
-        self.shm_path = f"/dev/shm/phalanx-{job_id}-g{place.generation}"
+        self.shm_path = segment_path(job_id, place.generation)
         if self._use_shm():
             self._open_shm()
 
@@ -171,20 +171,3 @@ class Group:
     def pids(self) -> list[int]:
         return list(self.place.pids)
 
-
-def shm_cleanup(job_id: str) -> int:
-    """Remove every shared-memory segment of a job (the launcher calls this at exit)."""
-    removed = 0
-    prefix = f"phalanx-{job_id}-"
-    try:
-        names = os.listdir("/dev/shm")
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        if name.startswith(prefix):
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-                removed += 1
-            except FileNotFoundError:
-                pass
-    return removed

@@ -81,6 +81,10 @@ class CoordServer:
     def stop(self) -> None:
         self._stop.set()
         try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass

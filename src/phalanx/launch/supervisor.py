@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from .. import env
-from ..comm.group import shm_cleanup
 from ..coord.protocol import new_secret
 from ..coord.server import CoordServer
+from .shmfiles import cleanup as shm_cleanup
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 

@@ -99,7 +99,7 @@ class KMeans:
         array_init = not isinstance(self.init, str)
         n_init = self.n_init
         if n_init == "auto":
-            n_init = 10 if self.init == "random" else 1
+            n_init = 10 if isinstance(self.init, str) and self.init == "random" else 1
         if not (isinstance(n_init, int) and n_init >= 1):
             raise ConfigError(f"n_init={self.n_init!r} must be a positive integer or 'auto'")
         # Every rank seeds alike: random_state=None is resolved once, on rank 0.

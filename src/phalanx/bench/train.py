@@ -1,0 +1,216 @@
+"""`phalanx bench train`: data-parallel training throughput, phalanx vs torch DDP (Gloo) vs one
+process, on a compute-bound ~10M-parameter MLP and on a model of many small tensors (where fusion
+matters). Every worker uses one torch thread; warm-up steps are not timed.
+
+    phalanx bench train --np 2 --steps 30 --json train.json
+
+Reports samples/s for each, the phalanx/DDP ratio and scaling efficiency thr(N) / (N * thr(1)).
+This file is also the worker script: the launcher, DDP and the single run start it with --worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODELS = ("mlp", "many")
+"""mlp: 4 Linear layers, ~9.4M parameters; many: 128 residual blocks of Linear(64)+LayerNorm."""
+
+
+def _build(model: str) -> Any:
+    import torch
+    nn = torch.nn
+    if model == "mlp":
+        return nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+                             nn.Linear(2048, 1536), nn.ReLU(), nn.Linear(1536, 10)), 1024
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm = nn.Linear(64, 64), nn.LayerNorm(64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.norm(self.fc(x)))
+
+    return nn.Sequential(*[Block() for _ in range(128)], nn.Linear(64, 10)), 64
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """Time `steps` training steps after `warmup`; rank 0 prints one JSON line."""
+    import torch
+    torch.set_num_threads(1)
+    rank, world = 0, 1
+    if args.worker == "phalanx":
+        import phalanx as px
+        from phalanx.train import DistributedOptimizer, broadcast_parameters
+        px.init()
+        rank, world = px.rank(), px.size()
+    elif args.worker == "ddp":
+        import torch.distributed as dist
+        rank, world = args.rank, args.world
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
+                                world_size=world)
+    torch.manual_seed(0)
+    model, width = _build(args.model)
+    opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    net: Any = model
+    if args.worker == "phalanx":
+        opt = DistributedOptimizer(opt, model=model)
+        broadcast_parameters(model.state_dict(), root=0)
+    elif args.worker == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch_size, width, generator=g)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def barrier() -> None:
+        if args.worker == "phalanx":
+            px.allreduce(torch.zeros(1), op="sum", name="bench.barrier")
+        elif args.worker == "ddp":
+            dist.barrier()
+
+    def step() -> None:
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    barrier()
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print("BENCH " + json.dumps({"samples_per_s": world * args.batch_size * args.steps / elapsed,
+                                     "step_ms": 1e3 * elapsed / args.steps, "params": n_params,
+                                     "tensors": len(list(model.parameters()))}), flush=True)
+    if args.worker == "ddp":
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _parse_result(outputs: list[str], what: str) -> dict[str, Any]:
+    for out in outputs:
+        for line in out.splitlines():
+            if "BENCH " in line:
+                return dict(json.loads(line.split("BENCH ", 1)[1]))
+    raise RuntimeError(f"{what} produced no result; its output was:\n" + "\n".join(outputs))
+
+
+def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    common = [__file__, "--worker", mode, "--model", model, "--steps", str(args.steps),
+              "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+    timeout = 600
+    if mode == "phalanx":
+        cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *common]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"phalanx run failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return _parse_result([p.stdout], "phalanx")
+    if mode == "single":
+        p = subprocess.run([sys.executable, *common], capture_output=True, text=True, env=_env(),
+                           timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"single-process run failed:\n{p.stdout}\n{p.stderr}")
+        return _parse_result([p.stdout], "single")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *common, "--rank", str(r), "--world", str(n),
+                               "--port", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=_env()) for r in range(n)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError("DDP run failed:\n" + "\n".join(outs))
+    return _parse_result(outs, "ddp")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phalanx bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--np", type=int, default=2, help="workers for phalanx and DDP (default 2)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="per-worker batch (default 32)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of mlp,many")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    p.add_argument("--worker", choices=("phalanx", "ddp", "single"), help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --worker, one worker of it); returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return 0
+    models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad or args.np < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error(f"--models must name {MODELS}, --np and --steps be >= 1 (got models={bad}, "
+                     f"np={args.np}, steps={args.steps}, warmup={args.warmup})")
+    rows = []
+    for model in models:
+        res = {mode: _run(mode, model, n, args) for mode, n in
+               (("single", 1), ("ddp", args.np), ("phalanx", args.np))}
+        one = res["single"]["samples_per_s"]
+        rows.append({
+            "model": model, "params": res["single"]["params"],
+            "tensors": res["single"]["tensors"], "np": args.np, "batch_per_worker": args.batch_size,
+            "single_samples_per_s": one,
+            "ddp_samples_per_s": res["ddp"]["samples_per_s"],
+            "phalanx_samples_per_s": res["phalanx"]["samples_per_s"],
+            "phalanx_over_ddp": res["phalanx"]["samples_per_s"] / res["ddp"]["samples_per_s"],
+            "phalanx_scaling_efficiency": res["phalanx"]["samples_per_s"] / (args.np * one),
+            "ddp_scaling_efficiency": res["ddp"]["samples_per_s"] / (args.np * one),
+        })
+    head = (f"{'model':6} {'params':>9} {'tensors':>7} {'1-proc/s':>9} {'DDP/s':>9} "
+            f"{'phalanx/s':>9} {'px/DDP':>7} {'eff px':>7} {'eff DDP':>7}")
+    print(f"train throughput, {args.np} workers, batch {args.batch_size}/worker, "
+          f"{args.steps} timed steps (samples/s)")
+    print(head)
+    for r in rows:
+        print(f"{r['model']:6} {r['params']:>9,} {r['tensors']:>7} "
+              f"{r['single_samples_per_s']:>9.1f} {r['ddp_samples_per_s']:>9.1f} "
+              f"{r['phalanx_samples_per_s']:>9.1f} {r['phalanx_over_ddp']:>7.2f} "
+              f"{r['phalanx_scaling_efficiency']:>7.2f} {r['ddp_scaling_efficiency']:>7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bench": "train", "results": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Shared fixtures: leak checks for every test, and helpers to run real multi-process jobs.
+
+Every test fails if it leaves a child process, a non-daemon thread, a PHALANX_* variable or a
+phalanx shared-memory segment behind (the style of torchft's and Lightning Fabric's suites).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _children() -> set[int]:
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+            return {int(p) for p in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _segments() -> set[str]:
+    try:
+        # Segments of phalanx jobs are named phalanx-<job>-g<generation>.
+        return {n for n in os.listdir("/dev/shm") if re.fullmatch(r"phalanx-\w+-g\d+", n)}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    env_before = {k: v for k, v in os.environ.items() if k.startswith("PHALANX_")}
+    threads_before = {t.ident for t in threading.enumerate()}
+    kids_before, segs_before = _children(), _segments()
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        kids = _children() - kids_before
+        threads = [t for t in threading.enumerate()
+                   if t.ident not in threads_before and t.is_alive() and not t.daemon]
+        if not kids and not threads:
+            break
+        time.sleep(0.05)
+    env_after = {k: v for k, v in os.environ.items() if k.startswith("PHALANX_")}
+    segs = _segments() - segs_before
+    assert not kids, f"test left child processes {sorted(kids)}"
+    assert not threads, f"test left threads {threads}"
+    assert env_after == env_before, "test changed PHALANX_* environment variables"
+    assert not segs, f"test left shared-memory segments {sorted(segs)}"
+
+
+def run_job(tmp_path: Path, script: str, np: int, *launcher_args: str, script_args: tuple[str, ...] = (),
+            timeout: float = 90, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Write `script` to tmp_path and run it under `phalanx run -np N`; never hangs."""
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(script))
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(np), *launcher_args,
+           str(path), *script_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=tmp_path, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        raise AssertionError(f"job did not finish within {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture
+def job(tmp_path):
+    """`job(script, np, *launcher_args, ...)` runs a real multi-process job in tmp_path."""
+    def _run(script: str, np: int, *args: str, **kw):
+        return run_job(tmp_path, script, np, *args, **kw)
+    return _run

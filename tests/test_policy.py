@@ -1,0 +1,45 @@
+"""Pure decision policies: who is lost, when a generation forms, and the rank order."""
+
+from __future__ import annotations
+
+from phalanx.coord.policy import MemberStatus, find_lost, order_world, should_form
+
+
+def m(worker: str, host: str = "h", hint: int = -1, beat: float = 10.0, alive: bool = True,
+      waiting: bool = False) -> MemberStatus:
+    return MemberStatus(worker=worker, host=host, rank_hint=hint, last_heartbeat=beat,
+                        alive=alive, waiting=waiting)
+
+
+def test_find_lost_uses_the_timeout_and_says_why() -> None:
+    d = find_lost([m("a", beat=9.5), m("b", beat=5.0), m("c", beat=1.0, alive=False)], now=10.0,
+                  heartbeat_timeout=3.0)
+    assert d.act and d.members == ["b"] and "3.00s" in d.reason
+    assert not find_lost([m("a", beat=9.9)], now=10.0, heartbeat_timeout=3.0).act
+
+
+def test_first_generation_waits_for_target_and_orders_by_hint() -> None:
+    members = [m("x", hint=1, waiting=True), m("y", hint=0, waiting=True)]
+    assert not should_form(members[:1], first=True, target_np=2, min_np=2, max_np=2,
+                           waited=0, settle=1).act
+    d = should_form(members, first=True, target_np=2, min_np=2, max_np=2, waited=0, settle=1)
+    assert d.act and d.members == ["y", "x"]
+
+
+def test_later_generation_forms_when_all_live_wait_or_after_settle() -> None:
+    members = [m("a", waiting=True), m("b", waiting=True), m("c"), m("d", alive=False)]
+    kw = dict(first=False, target_np=4, min_np=2, max_np=4, settle=1.0)
+    assert not should_form(members, waited=0.1, **kw).act
+    d = should_form(members, waited=1.5, **kw)
+    assert d.act and d.members == ["a", "b"] and "settle" in d.reason
+    members[2].waiting = True
+    assert should_form(members, waited=0.0, **kw).act
+    few = [m("a", waiting=True), m("b")]
+    assert not should_form(few, waited=5.0, **kw).act  # below min_np
+
+
+def test_order_keeps_survivors_first_then_newcomers_grouped_by_host() -> None:
+    members = [m("new", host="h2", hint=1), m("s2", host="h1"), m("s0", host="h1"),
+               m("s1", host="h2")]
+    order = order_world(members, previous=["s0", "dead", "s1", "s2"])
+    assert order == ["s0", "s2", "s1", "new"]

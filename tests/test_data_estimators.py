@@ -12,12 +12,20 @@ import numpy as np
 import pytest
 from sklearn import cluster, datasets, decomposition, linear_model, naive_bayes
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from phalanx.data import ArrayDataset, ml
 from phalanx.data._testing import ThreadWorld
 from phalanx.errors import ConfigError
 
 WORLDS = [1, 2, 3]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread() -> Any:
+    """Fake ranks are threads on a 2-core machine: BLAS pools spinning in each would thrash."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 @cache

@@ -25,8 +25,8 @@ from phalanx.errors import CollectiveMismatch, WorkerLost  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128]
-SIZES = [0, 1, 7, 1001, 5003]          # 5003 > capacity for every dtype: several rounds
-CAP, BLOCK = 4096, 1024                # small, so rounds and blocks are exercised
+SIZES = [0, 1, 7, 1001, 4500]          # 4500 > capacity for every dtype: several rounds
+CAP, BLOCK = 4096, 2048                # small, so rounds and blocks are exercised
 TOL = {torch.float16: (2e-2, 3e-2), torch.bfloat16: (5e-2, 2e-1), torch.float32: (1e-5, 1e-5),
        torch.float64: (1e-12, 1e-12), torch.complex64: (1e-5, 1e-5),
        torch.complex128: (1e-12, 1e-12)}
@@ -275,7 +275,7 @@ def test_sigkilled_peer_raises_worker_lost(shm_path):
     for rank in range(size - 1):
         kind, t_raise = res[rank]
         assert kind == "ok", f"rank {rank}: {kind} {t_raise}"
-        assert t_raise - killed[0] < 1.0
+        assert t_raise - killed[0] < 1.5          # ~1 s, with slack for a loaded machine
 
 
 # ------------------------------------------------------------------------ in-process tests

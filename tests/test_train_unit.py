@@ -111,10 +111,15 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], ThreadWorld]:
     return make
 
 
+_INIT_LOCK = threading.Lock()   # thread ranks share torch's global RNG
+
+
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
-                               torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 3)).double()
 
 
 def _data(steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,9 +252,10 @@ def test_unused_and_frozen_params_do_not_hang(world: Callable[[int], ThreadWorld
     w = world(2)
 
     def rank_fn(r: int) -> dict[str, Any]:
-        torch.manual_seed(0)
-        a, b, never = (torch.nn.Linear(3, 3) for _ in range(3))
-        frozen = torch.nn.Linear(3, 3).requires_grad_(False)
+        with _INIT_LOCK:
+            torch.manual_seed(0)
+            a, b, never = (torch.nn.Linear(3, 3) for _ in range(3))
+            frozen = torch.nn.Linear(3, 3).requires_grad_(False)
         model = torch.nn.ModuleDict({"a": a, "b": b, "never": never, "frozen": frozen})
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model=model,
                                    bucket_cap_mb=0.0001)

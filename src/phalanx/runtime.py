@@ -51,6 +51,7 @@ class Runtime:
             self.group = self._form(after=0)
         else:
             self.object_key = os.urandom(32)
+            self.workers = [self.worker]
             place = Placement(generation=1, rank=0, size=1, local_rank=0, local_size=1,
                               hosts=[self.host], pids=[os.getpid()])
             self.group = Group(place, dist.HashStore(), config, job_id=self.job_id)
@@ -62,6 +63,7 @@ class Runtime:
                           local_rank=a["local_rank"], local_size=a["local_size"],
                           hosts=a["hosts"], pids=a["pids"])
         self.steps = list(a.get("steps", []))
+        self.workers = list(a.get("workers", []))
         store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout)
         return Group(place, store, self.config, job_id=self.job_id,
                      abort_check=self.client.abort_reason, status=self._lost_ranks)

@@ -1,7 +1,7 @@
 """map_reduce and aggregate over a dataset's input splits, across every rank.
 
 Each rank maps its own splits, combines the results locally, then the ranks combine theirs: numeric
-results (numpy arrays, torch tensors, numbers, nested in tuples, lists and dicts) with allreduce,
+results (numpy arrays, torch tensors, numbers, nested in tuples and dicts) with allreduce,
 anything else with allgather_object and a Python reduction. Every rank gets the result.
 """
 
@@ -38,19 +38,23 @@ def as_partitioned(dataset: SplitDataset | PartitionedDataset) -> PartitionedDat
                       "FileDataset or PartitionedDataset")
 
 
-# Trees of results: containers are tuples, lists and dicts; leaves are arrays and numbers.
+# Trees of results: containers are (exact) tuples and dicts; leaves are arrays, numbers and any
+# other object (a list or Counter is a leaf: 'sum' concatenates or adds it on the object path).
 
 def _flatten(obj: Any) -> tuple[Any, list[Any]]:
-    if isinstance(obj, (tuple, list)):
+    if type(obj) is tuple:
         defs, leaves = [], []
         for item in obj:
             d, ls = _flatten(item)
             defs.append(d)
             leaves += ls
-        return (type(obj).__name__, defs), leaves
-    if isinstance(obj, dict):
-        keys = list(obj)
-        d, leaves = _flatten([obj[k] for k in keys])
+        return ("tuple", defs), leaves
+    if type(obj) is dict:
+        try:
+            keys = sorted(obj)
+        except TypeError:
+            keys = list(obj)
+        d, leaves = _flatten(tuple(obj[k] for k in keys))
         return ("dict", keys, d), leaves
     return "*", [obj]
 
@@ -63,8 +67,7 @@ def _unflatten(treedef: Any, leaves: list[Any]) -> Any:
             return next(it)
         if d[0] == "dict":
             return dict(zip(d[1], build(d[2])))
-        items = [build(c) for c in d[1]]
-        return tuple(items) if d[0] == "tuple" else items
+        return tuple(build(c) for c in d[1])
     return build(treedef)
 
 
@@ -92,6 +95,9 @@ def _combine(a: Any, b: Any, op: str | Callable[[Any, Any], Any]) -> Any:
     out = []
     for x, y in zip(la, lb):
         spec = _leaf_spec(x)
+        if spec is not None and spec != _leaf_spec(y):
+            raise ConfigError(f"map_fn returned {spec} for one split and {_leaf_spec(y)} for "
+                              "another; return arrays of one shape and dtype from every split")
         if spec is None:
             out.append(_PY_OPS[op](x, y) if op in _PY_OPS else _bad_avg(x))
         elif spec[0] == "py":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from dataclasses import dataclass
 
 KINDS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -65,8 +66,25 @@ def should_fire(rule: ChaosRule, *, rank: int, size: int, step: int) -> bool:
     return random.Random(rule.seed * 1_000_003 + step).randrange(size) == rank
 
 
+_cached: tuple[str, list[ChaosRule]] | None = None
+
+
+def rules_from_env() -> list[ChaosRule]:
+    """The rules in PHALANX_CHAOS (parsed once per value); empty when unset."""
+    global _cached
+    spec = os.environ.get("PHALANX_CHAOS", "")
+    if not spec:
+        return []
+    if _cached is None or _cached[0] != spec:
+        _cached = (spec, parse_chaos(spec))
+    return _cached[1]
+
+
 def maybe_inject(rules: list[ChaosRule], *, rank: int, size: int, step: int) -> None:
-    """Send ourselves the rule's signal if it fires now."""
+    """Send ourselves the rule's signal if it fires now (a real signal, as an operator would)."""
     for rule in rules:
         if should_fire(rule, rank=rank, size=size, step=step):
+            sys.stderr.write(f"[chaos] sending {KINDS[rule.kind].name} to rank {rank} "
+                             f"(pid {os.getpid()}) at step {step}\n")
+            sys.stderr.flush()
             os.kill(os.getpid(), KINDS[rule.kind])

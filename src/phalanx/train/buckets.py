@@ -48,33 +48,42 @@ class Bucket:
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy each parameter's gradient (zeros where it has none; sparse made dense) into the
-        buffer; returns views (gradients, presence flags)."""
+        buffer with one fused copy; returns views (gradients, presence flags)."""
         device = self.params[0].device
         buf = self.flat(device)
         grads, presence = buf[:self.numel], buf[self.numel:]
-        for j, (p, off) in enumerate(zip(self.params, self.offsets)):
-            dst = grads[off:off + p.numel()]
+        srcs: list[torch.Tensor] = []
+        present: list[float] = []
+        for p in self.params:
             g = p.grad
             if g is None:
-                dst.zero_()
-                presence[j] = 0
+                srcs.append(torch.zeros(p.numel(), dtype=self.dtype, device=device))
+                present.append(0.0)
                 continue
             if g.is_sparse:
                 g = g.to_dense()
-            dst.copy_(g.reshape(-1))
-            presence[j] = 1
+            srcs.append(g.reshape(-1))
+            present.append(1.0)
+        torch.cat(srcs, out=grads)
+        presence.copy_(torch.tensor(present, dtype=self.dtype))
         return grads, presence
 
     def unpack(self, grads: torch.Tensor, presence: torch.Tensor) -> None:
-        """Write reduced gradients back into `p.grad`; a parameter no rank produced a gradient for
-        keeps `grad=None`, as it would in one process."""
+        """Write reduced gradients back into `p.grad` (one fused copy); a parameter no rank
+        produced a gradient for keeps `grad=None`, as it would in one process."""
         present = (presence > 0).tolist()
-        for p, off, has in zip(self.params, self.offsets, present):
-            src = grads[off:off + p.numel()].view_as(p)
+        views = grads.split([p.numel() for p in self.params])
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        for p, src, has in zip(self.params, views, present):
+            src = src.view_as(p)
             if p.grad is not None and not p.grad.is_sparse:
-                p.grad.copy_(src)
+                dsts.append(p.grad)
+                srcs.append(src)
             elif has:
                 p.grad = src.clone()
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
 
 
 def build_buckets(named_params: list[tuple[str, torch.nn.Parameter]],

@@ -1,0 +1,40 @@
+"""Pure healing decisions: which rank is the source of truth after a membership change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class HealPlan:
+    """Who broadcasts its state, who receives it, and why."""
+
+    source: int
+    behind: list[int]
+    step: int
+    reason: str
+
+
+def choose_source(steps: list[int]) -> HealPlan:
+    """The most advanced rank (lowest rank among ties) is the source; ranks behind it heal.
+
+    `steps[r]` is the number of optimizer steps rank r has applied (-1 for a newcomer with no
+    state). Nobody rolls back: ranks ahead of others are never overwritten by older state.
+    """
+    if not steps:
+        raise ValueError("choose_source needs at least one rank's step")
+    best = max(steps)
+    source = steps.index(best)
+    behind = [r for r, s in enumerate(steps) if s < best]
+    if not behind:
+        why = f"all {len(steps)} ranks are at step {best}"
+    else:
+        why = (f"rank {source} is the most advanced (step {best}); ranks {behind} at steps "
+               f"{[steps[r] for r in behind]} heal from it")
+    return HealPlan(source=source, behind=behind, step=best, reason=why)
+
+
+def survivors(old_workers: list[str], new_workers: list[str]) -> list[int]:
+    """Old rank numbers of the workers that are still in the new generation."""
+    present = set(new_workers)
+    return [r for r, w in enumerate(old_workers) if w in present]

@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 import phalanx as px
-from phalanx.train import (COMPRESSIONS, DistributedOptimizer, broadcast_optimizer_state,
-                           broadcast_parameters, metric_average, shard_indices)
+from phalanx.train import (
+    COMPRESSIONS,
+    DistributedOptimizer,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+    metric_average,
+    shard_indices,
+)
 
 
 def load(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,7 +35,7 @@ def load(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
     scaler = StandardScaler().fit(xtr)
-    f = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    f = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)
     return f(xtr), torch.tensor(ytr), f(xte), torch.tensor(yte)
 
 
@@ -80,14 +85,18 @@ def train(args: argparse.Namespace) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 0.05; 0.01 for the lossy 1bit and topk)")
     p.add_argument("--batch-size", type=int, default=16, help="per-worker batch size")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--compression", default="none", choices=COMPRESSIONS)
     p.add_argument("--topk-ratio", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="print only the final accuracy")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.01 if args.compression in ("1bit", "topk") else 0.05
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

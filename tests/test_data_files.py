@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from phalanx.data import (
-    CacheBudgetExceeded, FileDataset, PartitionedDataset, ShardedLoader, _collective, map_reduce)
+    CacheBudgetExceeded,
+    FileDataset,
+    PartitionedDataset,
+    ShardedLoader,
+    _collective,
+    map_reduce,
+)
 from phalanx.data._testing import ThreadWorld
 from phalanx.errors import ConfigError
 
@@ -133,7 +139,8 @@ def test_memory_budget_error_names_split_size_and_budget(tmp_path: Path) -> None
     with pytest.raises(CacheBudgetExceeded) as err:
         part.get_split(1)  # 168 more bytes does not
     msg = str(err.value)
-    assert "split 1 (part-01.npy)" in msg and "168 bytes" in msg and "memory_budget=250" in msg and "holds 120" in msg
+    assert "split 1 (part-01.npy)" in msg and "168 bytes" in msg
+    assert "memory_budget=250" in msg and "holds 120" in msg
     assert "cache=False" in msg
     with pytest.raises(ConfigError, match="memory_budget=-1"):
         PartitionedDataset(ds, rank=0, world_size=1, memory_budget=-1)

@@ -84,6 +84,15 @@ def test_state_dict_round_trip_resumes_mid_epoch() -> None:
         resumed.load_state_dict({})
 
 
+def test_set_epoch_pins_the_pass_to_that_epoch() -> None:
+    loader = ShardedLoader(ArrayDataset(np.arange(N)), batch_size=10, seed=1)
+    loader.set_epoch(2)
+    assert sorted(ids(list(loader))) == list(range(N))
+    assert list(loader) == []  # epoch 2 is finished; no silent move to epoch 3
+    loader.set_epoch(3)
+    assert sorted(ids(list(loader))) == list(range(N)) and loader.epoch == 3
+
+
 def test_drop_last() -> None:
     loader = ShardedLoader(ArrayDataset(np.arange(N)), batch_size=10, drop_last=True)
     batches = list(loader)
@@ -149,7 +158,7 @@ def test_failed_step_requeues_lost_samples_and_world_shrinks() -> None:
             return out
 
         for _ in range(3):
-            consumed += sum(step([0, 1, 2]), [])
+            consumed += [i for part in step([0, 1, 2]) for i in part]
         # Step 4 fails: rank 1 dies; ranks 0 and 2 completed their part (they redo it locally).
         lost_batch = step([0, 1, 2])
         consumed += lost_batch[0] + lost_batch[2]
@@ -162,7 +171,7 @@ def test_failed_step_requeues_lost_samples_and_world_shrinks() -> None:
             except StopIteration:
                 break
             first_after = first_after or batch
-            consumed += sum(batch, [])
+            consumed += [i for part in batch for i in part]
     assert sorted(consumed) == list(range(N))
     assert set(lost_batch[1]) <= set(first_after[0] + first_after[1])  # requeued first
     assert loaders[0].state_dict() == loaders[2].state_dict()

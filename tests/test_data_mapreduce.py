@@ -29,7 +29,8 @@ def test_numeric_tree_sum_min_max_avg(world: int) -> None:
     ds = ArrayDataset(X, Y, num_splits=5)
 
     def stats(x: np.ndarray, y: np.ndarray) -> dict[str, object]:
-        return {"n": len(x), "sum": x.sum(axis=0), "moments": (x.T @ x, np.bincount(y, minlength=3)),
+        return {"n": len(x), "sum": x.sum(axis=0),
+                "moments": (x.T @ x, np.bincount(y, minlength=3)),
                 "t": torch.tensor(x.sum(), dtype=torch.float64)}
 
     out = on_world(world, lambda: map_reduce(ds, stats))

@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phalanx.data.sharding import (
-    EpochCursor, assign_splits, assignment_table, epoch_order, reassign_lost)
+    EpochCursor,
+    assign_splits,
+    assignment_table,
+    epoch_order,
+    reassign_lost,
+)
 from phalanx.errors import ConfigError
 
 

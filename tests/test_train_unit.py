@@ -13,11 +13,16 @@ import pytest
 import torch
 
 from phalanx.errors import ConfigError, PhalanxError
-from phalanx.train import (DistributedOptimizer, _comm, broadcast_optimizer_state,
-                           broadcast_parameters, metric_average, shard_indices)
+from phalanx.train import (
+    DistributedOptimizer,
+    _comm,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+    metric_average,
+    shard_indices,
+)
 from phalanx.train.buckets import build_buckets
-from phalanx.train.compression import (OneBitCompression, TopKCompression, pack_bits,
-                                       unpack_bits)
+from phalanx.train.compression import OneBitCompression, TopKCompression, pack_bits, unpack_bits
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -291,7 +296,7 @@ def test_misuse_raises_clear_errors(world: Callable[[int], ThreadWorld]) -> None
     m = _model()
     opt = DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), model=m)
     x, y = _data(1, 8)
-    loss = lambda: torch.nn.functional.cross_entropy(m(x[0]), y[0])  # noqa: E731
+    loss = lambda: torch.nn.functional.cross_entropy(m(x[0]), y[0])
     loss().backward()
     with pytest.raises(PhalanxError, match="zero_grad\\(\\) called while"):
         opt.zero_grad()
@@ -302,9 +307,9 @@ def test_misuse_raises_clear_errors(world: Callable[[int], ThreadWorld]) -> None
         opt.step()
     opt.zero_grad()
     loss().backward()
-    with pytest.raises(PhalanxError, match="synchronize\\(\\) was not called"):
-        with opt.skip_synchronize():
-            opt.step()
+    with pytest.raises(PhalanxError, match="synchronize\\(\\) was not called"), \
+            opt.skip_synchronize():
+        opt.step()
     opt.synchronize()
     with pytest.raises(PhalanxError, match="after synchronize"):
         loss().backward()
@@ -367,7 +372,29 @@ def test_broadcast_helpers_and_metric_average(world: Callable[[int], ThreadWorld
 def test_shard_indices() -> None:
     shards = [list(shard_indices(10, r, 3)) for r in range(3)]
     assert shards == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
-    assert sorted(sum((list(shard_indices(10, r, 3, drop_last=False)) for r in range(3)), [])) \
-        == list(range(10))
+    every = [i for r in range(3) for i in shard_indices(10, r, 3, drop_last=False)]
+    assert sorted(every) == list(range(10))
     with pytest.raises(ConfigError, match="rank=3"):
         shard_indices(10, 3, 3)
+
+
+def test_failed_reduction_keeps_local_grads_and_can_be_retried(
+        world: Callable[[int], ThreadWorld], monkeypatch: pytest.MonkeyPatch) -> None:
+    w = world(1)
+    m = _model()
+    opt = DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), model=m,
+                               bucket_cap_mb=0.001)
+    x, y = _data(1, 8)
+
+    class Lost:
+        def wait(self) -> None:
+            raise PhalanxError("peer lost")
+
+    monkeypatch.setattr(_comm, "allreduce_async_", lambda t, op, name=None: Lost())
+    torch.nn.functional.cross_entropy(m(x[0]), y[0]).backward()
+    before = [p.grad.clone() for p in m.parameters()]
+    with pytest.raises(PhalanxError, match="peer lost"):
+        opt.step()
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
+    monkeypatch.setattr(_comm, "allreduce_async_", w.allreduce_async_)
+    opt.step()                                     # retried with the same local gradients

@@ -15,6 +15,10 @@ class RendezvousError(PhalanxError):
     """Joining the job failed: the coordinator is unreachable, rejected us, or timed out."""
 
 
+class JobFinished(RendezvousError):
+    """A worker tried to join after every member had finished; there is nothing left to do."""
+
+
 class CollectiveMismatch(PhalanxError):
     """Ranks called a collective with a different op, shape, dtype or name."""
 

@@ -22,7 +22,7 @@ from .comm.group import Group, Placement
 from .comm.store import CoordStore
 from .config import Config
 from .coord.client import CoordClient
-from .errors import ConfigError, RendezvousError
+from .errors import ConfigError, JobFinished, RendezvousError
 
 log = logging.getLogger("phalanx")
 
@@ -48,7 +48,13 @@ class Runtime:
             self.client = CoordClient(addr, secret, self.worker)
             self.client.join(host=self.host, rank_hint=env.get_int(env.RANK, -1), pid=os.getpid())
             self.client.start_heartbeat(config.heartbeat_interval)
-            self.group = self._form(after=0)
+            try:
+                self.group = self._form(after=0)
+            except JobFinished:
+                # A replacement that arrives after the last step: exit cleanly, not as a failure.
+                log.warning("the job finished before this worker could join; exiting")
+                self.client.close(leave=True)
+                raise SystemExit(0) from None
         else:
             self.object_key = os.urandom(32)
             self.workers = [self.worker]

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import AuthenticationError, RendezvousError
+from ..errors import AuthenticationError, JobFinished, RendezvousError
 from .protocol import NONCE_BYTES, Channel, connection_key, recv_exact
 
 log = logging.getLogger("phalanx.coord")
@@ -125,6 +125,8 @@ class CoordClient:
         reply, _ = self.request({"op": "rendezvous", "worker": self.worker, "after": after,
                                  "step": step, "timeout": timeout})
         if not reply.get("ok"):
+            if reply.get("finished"):
+                raise JobFinished(str(reply.get("error")))
             raise RendezvousError(f"rendezvous at {self.addr} failed: {reply.get('error')}")
         self.generation = int(reply["generation"])
         return reply

@@ -69,13 +69,15 @@ def order_world(members: list[MemberStatus], previous: list[str]) -> list[str]:
 
 
 def should_form(members: list[MemberStatus], *, first: bool, target_np: int, min_np: int,
-                max_np: int, waited: float, settle: float) -> Decision:
+                max_np: int, waited: float, settle: float,
+                current: list[str] | None = None) -> Decision:
     """Whether to form the next generation now, and of whom.
 
-    The first generation waits for `target_np` workers. Later ones form once every live worker
-    is waiting and at least `min_np` are; newcomers beyond `max_np` wait outside. `settle`
-    seconds after the first worker began waiting, live workers that have not come are left out
-    if enough are waiting (they will be told to rejoin at the next boundary).
+    The first generation waits for `target_np` workers. Later ones form once every live member
+    of the `current` generation is waiting and at least `min_np` workers are; a newcomer that
+    is still starting up never holds the survivors back (it joins at the next boundary), and
+    newcomers beyond `max_np` wait outside. `settle` seconds after the first worker began
+    waiting, live members that have not come are left out if enough are waiting.
     """
     alive = [m for m in members if m.alive]
     waiting = [m for m in alive if m.waiting]
@@ -87,9 +89,12 @@ def should_form(members: list[MemberStatus], *, first: bool, target_np: int, min
         return Decision(act=False, reason=f"waiting for workers: {len(waiting)} of {target_np}")
     if len(waiting) < min_np:
         return Decision(act=False, reason=f"{len(waiting)} waiting, fewer than min_np={min_np}")
-    if len(waiting) == len(alive) or waited >= settle:
-        chosen = waiting[:max_np]
-        why = "every live worker is waiting" if len(waiting) == len(alive) else (
+    members_now = set(current) if current is not None else {m.worker for m in alive}
+    blocking = [m for m in alive if m.worker in members_now and not m.waiting]
+    if not blocking or waited >= settle:
+        # Members of the current world first, so survivors are never displaced by newcomers.
+        chosen = sorted(waiting, key=lambda m: m.worker not in members_now)[:max_np]
+        why = "every live member is waiting" if not blocking else (
             f"settle time {settle:.1f}s passed with {len(waiting)} of {len(alive)} waiting")
         return Decision(act=True, members=[m.worker for m in chosen], reason=why)
     return Decision(act=False, reason=f"{len(waiting)} of {len(alive)} live workers waiting")

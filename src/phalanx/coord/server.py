@@ -340,6 +340,10 @@ class CoordServer:
                     return self._assignment(w, worker), b""
                 if not m.alive:
                     return {"ok": False, "error": f"worker {worker} was declared lost"}, b""
+                if w is not None and worker not in w.workers and self._finished(w):
+                    m.waiting = False
+                    return {"ok": False, "finished": True,
+                            "error": "the job finished before this worker could join"}, b""
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     m.waiting = False
@@ -347,6 +351,11 @@ class CoordServer:
                     return {"ok": False, "error": f"rendezvous timed out: {n} worker(s) waiting, "
                             f"need {self.target_np if w is None else self.min_np}"}, b""
                 self._cv.wait(min(left, 0.05))
+
+    def _finished(self, w: World) -> bool:
+        """Every member of the current generation left cleanly: the job is over."""
+        left = {e["worker"] for e in self.events if e["event"] == "left"}
+        return all(x in left for x in w.workers)
 
     def _maybe_form(self) -> None:
         """Form the next generation if the policy says so (caller holds the lock)."""
@@ -356,7 +365,8 @@ class CoordServer:
         waited = time.monotonic() - (self._wait_since or time.monotonic())
         decision = policy.should_form(members, first=self._world is None, target_np=self.target_np,
                                       min_np=self.min_np, max_np=self.max_np, waited=waited,
-                                      settle=self.settle)
+                                      settle=self.settle,
+                                      current=self._world.workers if self._world else None)
         if not decision.act:
             return
         prev = self._world.workers if self._world else []

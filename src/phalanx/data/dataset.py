@@ -20,6 +20,7 @@ from . import _formats
 Array = Any  # numpy.ndarray or torch.Tensor
 Split = tuple[Array, ...]
 Transform = Callable[..., Any]
+PathOrPaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 def is_torch(x: object) -> bool:
@@ -174,7 +175,7 @@ class FileDataset(SplitDataset):
     for parquet. `columns` picks npz arrays, csv columns (names need a header) or parquet
     columns; `header=None` detects a csv header (a first line that is not numbers)."""
 
-    def __init__(self, directory_or_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    def __init__(self, directory_or_files: PathOrPaths,
                  format: str | None = None, transform: Transform | None = None, *,
                  columns: Sequence[str | int] | None = None, header: bool | None = None,
                  delimiter: str = ",") -> None:
@@ -217,8 +218,7 @@ class FileDataset(SplitDataset):
         return split
 
 
-def _expand(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-            fmt: str | None) -> list[Path]:
+def _expand(source: PathOrPaths, fmt: str | None) -> list[Path]:
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if root.is_dir():

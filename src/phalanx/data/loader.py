@@ -9,7 +9,7 @@ the next batch is asked for (it completed) or the elastic loop reports it failed
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,8 +29,13 @@ class ShardedLoader:
     Batches are tuples of torch tensors, or of numpy arrays when the dataset holds numpy arrays
     (override with `as_torch`). Without `set_epoch`, each new pass starts the next epoch once the
     previous one is finished; an unfinished epoch (e.g. after `load_state_dict`) is resumed.
+    Once `set_epoch` is used, a pass serves what is left of the epoch it set (maybe nothing).
     When fewer samples than ranks remain at the end of an epoch, some ranks get an empty batch so
     that every rank takes the same number of steps (collectives stay matched).
+
+    Any rank may draw any sample, so a FileDataset is best wrapped in
+    `PartitionedDataset(ds, rank=0, world_size=1)` (every split cached once per worker) when it
+    fits in memory; a bare FileDataset re-reads the splits each batch touches.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0,
@@ -47,11 +52,13 @@ class ShardedLoader:
         self.cursor = EpochCursor(num_samples=len(dataset), seed=seed, shuffle=shuffle)
         self._pending: list[np.ndarray] | None = None
         self._started = False  # has the cursor's current epoch handed out anything yet
+        self._auto_epoch = True  # advance epochs on our own until set_epoch is called
         self.as_torch = as_torch
         self.steps_done = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch `epoch`; resuming the current epoch keeps its position."""
+        self._auto_epoch = False
         if epoch != self.cursor.epoch:
             self._pending = None
             self.cursor.new_epoch(epoch)
@@ -68,7 +75,7 @@ class ShardedLoader:
 
     def __iter__(self) -> Iterator[Split]:
         self.on_step_done()
-        if self._started and self._exhausted(_collective.size()):
+        if self._auto_epoch and self._started and self._exhausted(_collective.size()):
             self.cursor.new_epoch()
             self._started = False
         while True:
@@ -111,7 +118,7 @@ class ShardedLoader:
             self.cursor.complete_step(plan, range(len(plan)))
             self.steps_done += 1
 
-    def on_step_failed(self, completed_ranks: list[int] | range) -> None:
+    def on_step_failed(self, completed_ranks: Sequence[int]) -> None:
         """The pending step failed: keep the samples of `completed_ranks` (old rank numbers; the
         survivors that redo the step with their own gradients) and requeue the others'."""
         if self._pending is not None:
@@ -122,6 +129,7 @@ class ShardedLoader:
     def state_dict(self) -> dict[str, Any]:
         """Position in the epoch as plain values, the pending step included."""
         return {"cursor": self.cursor.state_dict(), "started": self._started,
+                "auto_epoch": self._auto_epoch,
                 "steps_done": self.steps_done,
                 "pending": None if self._pending is None
                 else [p.tolist() for p in self._pending]}
@@ -132,6 +140,7 @@ class ShardedLoader:
             raise ConfigError("loader state lacks 'cursor'; pass ShardedLoader.state_dict()")
         self.cursor.load_state_dict(state["cursor"])
         self._started = bool(state.get("started", True))
+        self._auto_epoch = bool(state.get("auto_epoch", True))
         self.steps_done = int(state.get("steps_done", 0))
         pending = state.get("pending")
         self._pending = (None if pending is None

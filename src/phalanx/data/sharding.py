@@ -60,7 +60,7 @@ def reassign_lost(table: Sequence[Sequence[int]], lost_ranks: Sequence[int]) -> 
     that survivor gets when the group is re-formed densely.
     """
     world = len(table)
-    lost = set(int(r) for r in lost_ranks)
+    lost = {int(r) for r in lost_ranks}
     bad = sorted(r for r in lost if not 0 <= r < world)
     if bad:
         raise ConfigError(f"lost_ranks={sorted(lost)} names ranks {bad} outside the old world of "
@@ -175,7 +175,7 @@ class EpochCursor:
                 f"got {len(flat)} indices starting {flat[:4].tolist()}, expected "
                 f"{expected[:4].tolist()}...; pass the plan returned by the last plan_step and "
                 "close each step exactly once")
-        done = set(int(r) for r in completed_ranks)
+        done = {int(r) for r in completed_ranks}
         bad = sorted(r for r in done if not 0 <= r < len(parts))
         if bad:
             raise ConfigError(f"completed_ranks={sorted(done)} has ranks {bad} outside the plan's "

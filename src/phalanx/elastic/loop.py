@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import env, runtime
-from ..errors import RendezvousError, WorkerLost
+from ..launch import chaos
+from ..errors import JobFinished, RendezvousError, WorkerLost
 from . import policy
 from .state import MembershipChanged, State, record_recovery
 
@@ -35,6 +36,11 @@ def recover(state: State, cause: BaseException, max_attempts: int = 20) -> None:
             rt.step = state.step
             rt.reform()
             new = rt.group.place
+            state.reform_attempts += 1
+            rules = chaos.rules_from_env()
+            if rules:
+                chaos.maybe_inject_in_recovery(rules, rank=new.rank,
+                                               recovery=state.reform_attempts)
             plan = state.sync()
         except WorkerLost as e:
             log.warning("rank %d: lost another worker during recovery (%s); retrying", old.rank, e)
@@ -81,5 +87,10 @@ def run(func: Callable[..., R]) -> Callable[..., R]:
                     raise
                 log.warning("rank %d: %s: %s; re-forming", runtime.current().group.place.rank,
                             type(e).__name__, e)
-                recover(state, e)
+                try:
+                    recover(state, e)
+                except JobFinished:
+                    # The others finished the job while this worker was cut off: nothing is lost.
+                    log.warning("the job finished while this worker was re-forming; exiting")
+                    raise SystemExit(0) from None
     return wrapper

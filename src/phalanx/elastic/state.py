@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import runtime
+from .. import env, runtime
 from ..errors import PhalanxError
 from . import policy
 
@@ -39,6 +39,7 @@ class State:
             [loaders] if loaders is not None else [])
         self.step = 0
         self.recoveries: list[dict[str, Any]] = []
+        self.reform_attempts = 0
         self._reset_callbacks: list[Callable[[], None]] = []
         self._snapshot: dict[str, Any] | None = None
         self.checkpointer = checkpointer
@@ -122,12 +123,19 @@ def current() -> State | None:
 
 
 def check_membership() -> None:
-    """Raise MembershipChanged if the coordinator reports workers waiting to join."""
+    """Raise MembershipChanged on every rank if workers are waiting to join.
+
+    Each rank hears of newcomers through its own heartbeats, at different moments; a one-int
+    max-allreduce makes every rank leave at the same step boundary (Horovod does the same at
+    commit). Skipped unless the launcher says workers can join.
+    """
     rt = runtime._runtime
-    if rt is None or rt.client is None:
+    if rt is None or rt.client is None or not env.get_bool(env.GROWTH, False):
         return
-    if rt.client.status.get("newcomers", 0) > 0:
-        raise MembershipChanged(f"{rt.client.status['newcomers']} worker(s) waiting to join")
+    from .. import api
+    waiting = int(rt.client.status.get("newcomers", 0))
+    if api.allreduce(waiting, op="max", name="phalanx.membership") > 0:
+        raise MembershipChanged(f"worker(s) waiting to join generation {rt.group.place.generation}")
 
 
 def step_completed() -> None:

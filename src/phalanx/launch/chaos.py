@@ -23,6 +23,7 @@ class ChaosRule:
     rank: int | None = None
     step: int | None = None
     every: int | None = None
+    recovery: int | None = None
     seed: int = 0
 
 
@@ -33,19 +34,21 @@ def parse_chaos(spec: str) -> list[ChaosRule]:
         kind, _, rest = part.partition(":")
         if kind not in KINDS:
             raise ValueError(f"--chaos {part!r}: kind {kind!r} is not one of {sorted(KINDS)}")
-        fields: dict[str, int | None] = {"rank": None, "step": None, "every": None, "seed": 0}
+        fields: dict[str, int | None] = {"rank": None, "step": None, "every": None,
+                                         "recovery": None, "seed": 0}
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
             if key == "random" and not eq:
                 continue
             if key not in fields or not eq or not value.lstrip("-").isdigit():
                 raise ValueError(f"--chaos {part!r}: bad field {item!r}; expected rank=N, step=N, "
-                                 "every=N, seed=N or random")
+                                 "every=N, recovery=N, seed=N or random")
             fields[key] = int(value)
-        if fields["step"] is None and fields["every"] is None:
-            raise ValueError(f"--chaos {part!r}: give step=N or every=N")
+        if fields["step"] is None and fields["every"] is None and fields["recovery"] is None:
+            raise ValueError(f"--chaos {part!r}: give step=N, every=N or recovery=N")
         rules.append(ChaosRule(kind=kind, rank=fields["rank"], step=fields["step"],
-                               every=fields["every"], seed=fields["seed"] or 0))
+                               every=fields["every"], recovery=fields["recovery"],
+                               seed=fields["seed"] or 0))
     if not rules:
         raise ValueError("--chaos is empty; e.g. kill:rank=2,step=40")
     return rules
@@ -53,6 +56,8 @@ def parse_chaos(spec: str) -> list[ChaosRule]:
 
 def should_fire(rule: ChaosRule, *, rank: int, size: int, step: int) -> bool:
     """Pure: does this rule hit this rank at this step?"""
+    if rule.recovery is not None:
+        return False
     if rule.step is not None:
         hit = step == rule.step
     else:
@@ -64,6 +69,12 @@ def should_fire(rule: ChaosRule, *, rank: int, size: int, step: int) -> bool:
         return rank == rule.rank
     # Random victim, the same on every rank for a given step so exactly one rank fires.
     return random.Random(rule.seed * 1_000_003 + step).randrange(size) == rank
+
+
+def fires_in_recovery(rule: ChaosRule, *, rank: int, recovery: int) -> bool:
+    """Pure: does this rule hit this rank during its `recovery`-th recovery (1-based)?"""
+    return rule.recovery is not None and rule.recovery == recovery and (
+        rule.rank is None or rule.rank == rank)
 
 
 _cached: tuple[str, list[ChaosRule]] | None = None
@@ -86,5 +97,15 @@ def maybe_inject(rules: list[ChaosRule], *, rank: int, size: int, step: int) -> 
         if should_fire(rule, rank=rank, size=size, step=step):
             sys.stderr.write(f"[chaos] sending {KINDS[rule.kind].name} to rank {rank} "
                              f"(pid {os.getpid()}) at step {step}\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), KINDS[rule.kind])
+
+
+def maybe_inject_in_recovery(rules: list[ChaosRule], *, rank: int, recovery: int) -> None:
+    """Send ourselves the rule's signal in the middle of a recovery (after re-forming)."""
+    for rule in rules:
+        if fires_in_recovery(rule, rank=rank, recovery=recovery):
+            sys.stderr.write(f"[chaos] sending {KINDS[rule.kind].name} to rank {rank} "
+                             f"(pid {os.getpid()}) during recovery {recovery}\n")
             sys.stderr.flush()
             os.kill(os.getpid(), KINDS[rule.kind])

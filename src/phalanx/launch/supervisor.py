@@ -55,6 +55,11 @@ class RunConfig:
     """More environment for the workers."""
 
     @property
+    def can_grow(self) -> bool:
+        """Workers may join mid-job (respawns or --max-np above -np)."""
+        return self.max_restarts > 0 or (self.max_np is not None and self.max_np > self.np)
+
+    @property
     def elastic(self) -> bool:
         return (self.min_np is not None and self.min_np < self.np) or self.max_restarts > 0 or (
             self.max_np is not None and self.max_np > self.np)
@@ -67,6 +72,15 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     pumps: list[threading.Thread]
     fenced: bool = False
+
+
+def _exiting(pid: int) -> bool:
+    """True if the process is already a zombie (it exited; nothing to fence)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def describe_exit(code: int) -> str:
@@ -108,7 +122,8 @@ class Supervisor:
         self.host = socket.gethostname()
         self.server = CoordServer(self._secret, host=cfg.bind, target_np=cfg.np,
                                   min_np=cfg.min_np, max_np=cfg.max_np,
-                                  heartbeat_timeout=cfg.heartbeat_timeout, fence=self._fence)
+                                  heartbeat_timeout=cfg.heartbeat_timeout, settle=5.0,
+                                  fence=self._fence)
 
     # ------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
@@ -135,6 +150,7 @@ class Supervisor:
             env.COORD_ADDR: self.server.address, env.SECRET: self._secret, env.JOB_ID: self.job_id,
             env.HOST: self.host, env.TIMEOUT: str(cfg.timeout),
             env.ELASTIC: "1" if cfg.elastic else "0", "PYTHONUNBUFFERED": "1",
+            env.GROWTH: "1" if cfg.can_grow else "0",
         })
         if cfg.chaos:
             wenv[env.CHAOS] = cfg.chaos
@@ -155,7 +171,7 @@ class Supervisor:
         """Coordinator callback: kill a worker declared lost so its peers fail fast."""
         with self._lock:
             w = self._workers.get(worker_id)
-        if w is None or w.proc.poll() is not None:
+        if w is None or w.proc.poll() is not None or _exiting(w.proc.pid):
             return
         w.fenced = True
         self.say(f"fencing worker {worker_id} (pid {w.proc.pid}): declared lost by the coordinator")
@@ -239,7 +255,7 @@ class Supervisor:
                     continue
                 why = f"rank {w.slot} (worker {wid}, pid {w.proc.pid}) {describe_exit(code)}"
                 if w.fenced and code == -signal.SIGKILL:
-                    why += " (fenced after missing heartbeats)"
+                    why += " (fenced by the launcher)"
                 if not cfg.elastic:
                     self.say(f"job failed: {why}")
                     self._stop_all()

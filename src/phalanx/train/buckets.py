@@ -20,7 +20,7 @@ class Bucket:
     index: int
     """Position in the fixed launch order (every rank launches bucket 0, then 1, ...)."""
 
-    params: list[torch.nn.Parameter]
+    params: list[torch.Tensor]
     """The parameters packed into this bucket, in packing order."""
 
     names: list[str]
@@ -86,7 +86,7 @@ class Bucket:
             torch._foreach_copy_(dsts, srcs)
 
 
-def build_buckets(named_params: list[tuple[str, torch.nn.Parameter]],
+def build_buckets(named_params: list[tuple[str, torch.Tensor]],
                   cap_bytes: int) -> list[Bucket]:
     """Group parameters into buckets of at most `cap_bytes` (a single larger parameter gets its
     own bucket), walking `named_params` in reverse and keeping one open bucket per dtype."""

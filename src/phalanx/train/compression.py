@@ -64,7 +64,8 @@ class NoCompression:
 
     def start(self, bucket: Bucket, op: str) -> Pending:
         assert bucket.buffer is not None
-        return _Done(_comm.allreduce_async_(bucket.buffer, op=op, name=f"grad.bucket{bucket.index}"))
+        name = f"grad.bucket{bucket.index}"
+        return _Done(_comm.allreduce_async_(bucket.buffer, op=op, name=name))
 
 
 class CastCompression:
@@ -102,7 +103,8 @@ class _ErrorFeedback:
 
 def _segments(bucket: Bucket, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([p.numel() for p in bucket.params], device=device)
-    return torch.repeat_interleave(torch.arange(len(bucket.params), device=device), lengths), lengths
+    ids = torch.arange(len(bucket.params), device=device)
+    return torch.repeat_interleave(ids, lengths), lengths
 
 
 class OneBitCompression(_ErrorFeedback):

@@ -41,8 +41,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  op: str = "avg", compression: str = "none", topk_ratio: float = 0.01,
                  bucket_cap_mb: float = 25, backward_passes_per_step: int = 1) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer;"
-                              " pass e.g. torch.optim.SGD(model.parameters(), lr=0.1)")
+            raise ConfigError(f"optimizer={type(optimizer).__name__} is not a "
+                              "torch.optim.Optimizer; pass e.g. "
+                              "torch.optim.SGD(model.parameters(), lr=0.1)")
         if isinstance(optimizer, DistributedOptimizer):
             raise ConfigError("optimizer is already a DistributedOptimizer; wrap the plain torch "
                               "optimizer only once")
@@ -76,7 +77,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._hooks: list[Any] = []
         self._buckets: list[Bucket] = []
         self._where: dict[torch.Tensor, tuple[int, int]] = {}
-        self._reset_step()
+        self._counts: dict[torch.Tensor, int] = {}
+        self._missing: list[int] = []
+        self._next_launch = 0
+        self._pending: list[tuple[Bucket, Pending]] = []
+        self._synced = False
+        self._touched = False
         self._last_was_step = False
         self._in_skip = False
         self._build()
@@ -145,11 +151,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
         into `p.grad`. Idempotent until the next backward; pair with `skip_synchronize()`."""
         if self._synced:
             return
-        for b in self._buckets[self._next_launch:]:
-            self._launch(b)
+        try:
+            for b in self._buckets[self._next_launch:]:
+                self._launch(b)
+            for _, handle in self._pending:
+                handle.wait()
+        except BaseException:
+            # A failed reduction (e.g. WorkerLost) leaves p.grad untouched, since nothing is
+            # unpacked before every bucket is done: after the group re-forms, synchronize() or
+            # step() reduces the same local gradients again without redoing backward.
+            self._reset_step()
+            self._touched = True
+            raise
         pending, self._pending = self._pending, []
-        for bucket, handle in pending:
-            handle.wait()
+        for bucket, _ in pending:
             assert bucket.buffer is not None
             bucket.unpack(bucket.buffer[:bucket.numel], bucket.buffer[bucket.numel:])
         self._synced = True
@@ -181,6 +196,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         result = self._opt.step()
         self._reset_step()
         self._last_was_step = True
+        # The step boundary: loaders consume the step's samples, the coordinator hears our step,
+        # checkpoints and chaos fire, and workers waiting to join are admitted.
+        from ..elastic.state import step_completed
+        step_completed()
         return result
 
     def remove_hooks(self) -> None:
@@ -198,7 +217,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _build(self) -> None:
         self.remove_hooks()
         seen: set[torch.Tensor] = set()
-        opt_params: list[torch.nn.Parameter] = []
+        opt_params: list[torch.Tensor] = []
         for group in self._opt.param_groups:
             for p in group["params"]:
                 if p.requires_grad and p not in seen:
@@ -214,10 +233,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._reset_step()
 
     def _reset_step(self) -> None:
-        self._counts: dict[torch.Tensor, int] = {}
+        self._counts = {}
         self._missing = [len(b.params) for b in self._buckets]
         self._next_launch = 0
-        self._pending: list[tuple[Bucket, Pending]] = []
+        self._pending = []
         self._synced = False
         self._touched = False
 
@@ -227,25 +246,29 @@ class DistributedOptimizer(torch.optim.Optimizer):
                                "backward() or after step()")
 
     def _on_grad(self, p: torch.Tensor) -> None:
+        # Runs once per parameter per backward: keep it lean (it is Python on the autograd path).
         if self._synced:
             raise PhalanxError("backward() ran after synchronize() and before step(); call "
                                "step() (inside skip_synchronize()) or zero_grad() first")
         self._touched = True
-        self._last_was_step = False
-        count = self._counts.get(p, 0) + 1
-        self._counts[p] = count
+        counts = self._counts
+        count = counts.get(p, 0) + 1
+        counts[p] = count
         k = self.backward_passes_per_step
-        if count > k:
-            raise PhalanxError(
-                f"backward() produced a gradient for {self._where_name(p)} {count} times since the "
-                f"last step() but backward_passes_per_step={k}; call step() every {k} backward "
-                f"passes or raise backward_passes_per_step")
-        if count < k:
+        if count != k:
+            if count > k:
+                raise PhalanxError(
+                    f"backward() produced a gradient for {self._where_name(p)} {count} times "
+                    f"since the last step() but backward_passes_per_step={k}; call step() every "
+                    f"{k} backward passes or raise backward_passes_per_step")
             return
-        bi, _ = self._where[p]
-        self._missing[bi] -= 1
-        while self._next_launch < len(self._buckets) and self._missing[self._next_launch] == 0:
-            self._launch(self._buckets[self._next_launch])
+        bi = self._where[p][0]
+        missing = self._missing
+        missing[bi] -= 1
+        if missing[bi] == 0 and bi == self._next_launch:
+            buckets = self._buckets
+            while self._next_launch < len(buckets) and missing[self._next_launch] == 0:
+                self._launch(buckets[self._next_launch])
 
     def _where_name(self, p: torch.Tensor) -> str:
         bi, j = self._where[p]

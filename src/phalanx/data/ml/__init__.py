@@ -10,5 +10,12 @@ from .logistic import LogisticRegression
 from .naive_bayes import GaussianNB
 from .pca import PCA
 
-__all__ = ["GaussianNB", "KMeans", "LinearRegression", "LogisticRegression", "NotFittedError",
-           "PCA", "kmeans_plusplus"]
+__all__ = [
+           "PCA",
+           "GaussianNB",
+           "KMeans",
+           "LinearRegression",
+           "LogisticRegression",
+           "NotFittedError",
+           "kmeans_plusplus",
+]

@@ -75,8 +75,8 @@ def global_classes(y: np.ndarray) -> np.ndarray:
 
 def global_moments(X: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """(n, mean, variance per feature) over all ranks, with a second centred pass for accuracy."""
-    n, s = allreduce_sum(len(X), X.sum(axis=0))
-    n = float(n)
+    count, s = allreduce_sum(len(X), X.sum(axis=0))
+    n = float(count)
     if n == 0:
         raise ConfigError("every rank's X is empty; there is nothing to fit")
     mean = s / n

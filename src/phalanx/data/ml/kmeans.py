@@ -44,7 +44,7 @@ def _locate(weights: np.ndarray, totals: list[float], u: float) -> tuple[int, in
             if r != _collective.rank():
                 return r, -1
             i = np.searchsorted(np.cumsum(weights), u - before, side="right")
-            return r, int(min(i, len(weights) - 1))
+            return r, min(int(i), len(weights) - 1)
         before += totals[r]
     raise ConfigError("no rank holds a sample to pick a centre from")
 
@@ -105,7 +105,7 @@ class KMeans:
         # Every rank seeds alike: random_state=None is resolved once, on rank 0.
         seed = self.random_state
         if seed is None:
-            seed = _collective.broadcast_object(int(np.random.SeedSequence().entropy % 2**63))
+            seed = _collective.broadcast_object(int(np.random.SeedSequence().generate_state(1)[0]))
         rng = np.random.default_rng(seed)
         best: tuple[float, np.ndarray, np.ndarray, int] | None = None
         for _ in range(1 if array_init else n_init):
@@ -144,8 +144,8 @@ class KMeans:
             labels = _sq_dist(X, centers).argmin(axis=1)
             sums = np.zeros((k, X.shape[1]))
             np.add.at(sums, labels, X)
-            changed = float((labels != labels_old).sum())
-            sums, counts, changed = allreduce_sum(sums, np.bincount(labels, minlength=k), changed)
+            sums, counts, changed = allreduce_sum(
+                sums, np.bincount(labels, minlength=k), float((labels != labels_old).sum()))
             # An empty cluster keeps its centre (sklearn would move it to a far point).
             new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
             shift = float(((new - centers) ** 2).sum())

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigError
-from ._common import allreduce_sum, check_fitted, global_classes, local_xy, local_Xy
+from ._common import allreduce_sum, check_fitted, global_classes, local_Xy, local_xy
 
 
 class LogisticRegression:
@@ -38,8 +38,8 @@ class LogisticRegression:
                               "LogisticRegression needs at least two")
         codes = np.searchsorted(classes, y)
         d = X.shape[1]
-        (n,) = allreduce_sum(len(X))
-        n = float(n)
+        (count,) = allreduce_sum(len(X))
+        n = float(count)
         rows = 1 if k == 2 else k
         Xb = np.hstack([X, np.ones((len(X), 1))]) if self.fit_intercept else X
         width = Xb.shape[1]

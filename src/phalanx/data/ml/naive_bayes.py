@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigError
-from ._common import allreduce_sum, check_fitted, global_classes, global_moments, local_xy, local_Xy
+from ._common import allreduce_sum, check_fitted, global_classes, global_moments, local_Xy, local_xy
 
 
 class GaussianNB:

@@ -16,14 +16,14 @@ class PCA:
     """Principal components of every rank's shard; `n_components` as in sklearn (int, a float
     in (0, 1) for the variance to keep, or None for all)."""
 
-    def __init__(self, n_components: int | float | None = None, *, whiten: bool = False) -> None:
+    def __init__(self, n_components: float | None = None, *, whiten: bool = False) -> None:
         self.n_components = n_components
         self.whiten = whiten
 
     def fit(self, X: Any, y: Any = None) -> PCA:
         X, _ = local_xy(X, need_y=False)
-        n, s = allreduce_sum(len(X), X.sum(axis=0))
-        n = float(n)
+        count, s = allreduce_sum(len(X), X.sum(axis=0))
+        n = float(count)
         if n < 2:
             raise ConfigError(f"PCA needs at least 2 samples over all ranks; got {int(n)}")
         mean = s / n

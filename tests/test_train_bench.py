@@ -1,0 +1,57 @@
+"""Smoke tests of the training demo (`examples/train_digits.py` under `phalanx run`) and of
+`phalanx bench train` (tiny step counts: this checks the plumbing, not the numbers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep +
+            os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_digits_example_on_four_workers() -> None:
+    pytest.importorskip("sklearn")
+    cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", "4",
+           str(REPO / "examples" / "train_digits.py"), "--epochs", "4"]
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(),
+                       timeout=80)
+    assert p.returncode == 0, p.stdout + p.stderr
+    epochs = re.findall(r"epoch\s+\d+\s+loss", p.stdout)
+    assert len(epochs) == 4, p.stdout                     # rank 0 only prints progress
+    match = re.search(r"final test accuracy ([0-9.]+)", p.stdout)
+    assert match, p.stdout
+    acc = float(match.group(1))
+    assert acc > 0.9, p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_train_runs_and_writes_json(tmp_path: Path) -> None:
+    from phalanx.bench import train
+    out = tmp_path / "train.json"
+    assert train.main(["--np", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+                       "--models", "many", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "many" and row["tensors"] > 100
+    for key in ("single_samples_per_s", "ddp_samples_per_s", "phalanx_samples_per_s",
+                "phalanx_over_ddp", "phalanx_scaling_efficiency"):
+        assert row[key] > 0
+
+
+def test_bench_train_rejects_bad_models() -> None:
+    from phalanx.bench import train
+    with pytest.raises(SystemExit):
+        train.main(["--models", "resnet"])

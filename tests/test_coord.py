@@ -19,7 +19,7 @@ from phalanx.errors import RendezvousError
 def server():
     fenced: list[tuple[str, int]] = []
     srv = CoordServer(new_secret(), target_np=2, heartbeat_timeout=0.6,
-                      fence=lambda w, pid: fenced.append((w, pid)))
+                      fence=lambda w, pid, urgent: fenced.append((w, pid)))
     srv.fenced = fenced  # type: ignore[attr-defined]
     with srv:
         yield srv

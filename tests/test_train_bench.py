@@ -29,11 +29,28 @@ def test_digits_example_on_four_workers() -> None:
     p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(),
                        timeout=80)
     assert p.returncode == 0, p.stdout + p.stderr
-    epochs = re.findall(r"epoch\s+\d+\s+loss", p.stdout)
+    epochs = re.findall(r"epoch\s+\d+\s+step\s+\d+\s+workers 4\s+loss", p.stdout)
     assert len(epochs) == 4, p.stdout                     # rank 0 only prints progress
     match = re.search(r"final test accuracy ([0-9.]+)", p.stdout)
     assert match, p.stdout
     acc = float(match.group(1))
+    assert acc > 0.9, p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_readme_demo_kills_a_worker_and_training_carries_on() -> None:
+    """The README's main command, shortened: rank 2 is SIGKILLed at step 40."""
+    pytest.importorskip("sklearn")
+    cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", "4", "--min-np", "2",
+           "--chaos", "kill:rank=2,step=40", str(REPO / "examples" / "train_digits.py"),
+           "--epochs", "5"]
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), timeout=80)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "killed by SIGKILL; continuing without it" in p.stderr
+    assert re.search(r"recovered in [0-9.]+s: generation 2 with 3 workers", p.stdout + p.stderr)
+    assert re.search(r"epoch\s+5\s+step\s+\d+\s+workers 3", p.stdout), p.stdout
+    acc = float(re.search(r"final test accuracy ([0-9.]+)", p.stdout).group(1))
     assert acc > 0.9, p.stdout
 
 

@@ -23,7 +23,7 @@ from .protocol import NONCE_BYTES, Channel, connection_key
 
 log = logging.getLogger("phalanx.coord")
 
-FenceFn = Callable[[str, int], None]
+FenceFn = Callable[[str, int, bool], None]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -121,8 +121,12 @@ class CoordServer:
             return [policy.MemberStatus(**{s: getattr(m, s) for s in m.__slots__})
                     for m in self._members.values()]
 
-    def declare_lost(self, worker: str, reason: str) -> None:
-        """Mark a worker lost, break its generation, and fence it (its launcher kills it)."""
+    def declare_lost(self, worker: str, reason: str, *, urgent: bool = True) -> None:
+        """Mark a worker lost, break its generation, and fence it (its launcher kills it).
+
+        `urgent` fences at once (a silent but live process); otherwise the launcher kills it
+        only if it is still running a moment later (its socket closed because it is exiting).
+        """
         with self._cv:
             m = self._members.get(worker)
             if m is None or not m.alive:
@@ -137,7 +141,7 @@ class CoordServer:
         log.warning("worker %s lost: %s", worker, reason)
         if self.fence is not None:
             try:
-                self.fence(worker, pid)
+                self.fence(worker, pid, urgent)
             except Exception:  # fencing is best effort; the peer may be gone already
                 log.exception("fencing worker %s failed", worker)
 
@@ -201,7 +205,8 @@ class CoordServer:
                     m = self._members.get(worker)
                     gone = m is not None and m.alive
                 if gone:
-                    self.declare_lost(worker, "heartbeat connection closed (process exited)")
+                    self.declare_lost(worker, "heartbeat connection closed (process exited)",
+                                      urgent=False)
 
     # ----------------------------------------------------------------- requests
     def _dispatch(self, op: str, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:

@@ -167,8 +167,14 @@ class Supervisor:
         with self._lock:
             self._workers[worker_id] = _Worker(slot=slot, worker_id=worker_id, proc=proc, pumps=pumps)
 
-    def _fence(self, worker_id: str, pid: int) -> None:
+    def _fence(self, worker_id: str, pid: int, urgent: bool = True) -> None:
         """Coordinator callback: kill a worker declared lost so its peers fail fast."""
+        if not urgent:
+            # Its heartbeat socket closed: normally it is exiting; fence only if it lingers.
+            timer = threading.Timer(0.5, self._fence, args=(worker_id, pid, True))
+            timer.daemon = True
+            timer.start()
+            return
         with self._lock:
             w = self._workers.get(worker_id)
         if w is None or w.proc.poll() is not None or _exiting(w.proc.pid):

@@ -33,7 +33,14 @@ _EXPORTS: dict[str, str] = {
 }
 _SUBMODULES = ("elastic", "data", "train", "comm", "coord", "launch", "observe", "bench")
 
-__all__ = sorted(_EXPORTS) + ["elastic", "data"]
+__all__ = [
+    "CollectiveMismatch", "Config", "ConfigError", "DistributedOptimizer", "Handle",
+    "PhalanxError", "RendezvousError", "WorkerLost", "allgather", "allgather_async",
+    "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+    "alltoall", "barrier", "broadcast", "broadcast_", "broadcast_object",
+    "broadcast_optimizer_state", "broadcast_parameters", "data", "elastic", "generation", "init",
+    "is_initialized", "local_rank", "local_size", "rank", "reducescatter", "shutdown", "size",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -44,7 +44,7 @@ def format_table(rows: list[dict[str, float]], n: int) -> str:
             f"{'tcp us':>10} {'busbw':>7} | {'px/gloo':>7} {'px/tcp':>6}")
     lines = [head, "-" * len(head.splitlines()[1])]
     for r in rows:
-        size = r["bytes"]
+        size = int(r["bytes"])
         label = f"{size >> 20}M" if size >= 1 << 20 else f"{size >> 10}K"
         lines.append(
             f"{label:>8} | {r['phalanx_us']:>10.1f} {r['phalanx_busbw']:>7.2f} | "

@@ -79,10 +79,9 @@ def main() -> None:
         ring_bytes = int(size * factor)
         send = memoryview(bytearray(ring_bytes))
         recv = memoryview(bytearray(ring_bytes))
-        # Agree on iteration counts implicitly: every rank times the same loop driven by barriers.
-        px_t = _shared_median(lambda: px.allreduce_(x, op="sum"), a.min_time)
-        gl_t = _shared_median(lambda: dist.all_reduce(y), a.min_time)
-        tcp_t = _shared_median(lambda: ring.exchange(send, recv), a.min_time)
+        px_t = _shared_median(lambda x=x: px.allreduce_(x, op="sum"), a.min_time)
+        gl_t = _shared_median(lambda y=y: dist.all_reduce(y), a.min_time)
+        tcp_t = _shared_median(lambda s=send, r=recv: ring.exchange(s, r), a.min_time)
         row = {"bytes": size, "phalanx_us": px_t * 1e6, "gloo_us": gl_t * 1e6, "tcp_us": tcp_t * 1e6,
                "phalanx_busbw": size / px_t * factor / 1e9, "gloo_busbw": size / gl_t * factor / 1e9,
                "tcp_busbw": ring_bytes / tcp_t / 1e9}
@@ -90,7 +89,6 @@ def main() -> None:
         if r == 0:
             print(f"{size:>10} B  phalanx {row['phalanx_us']:9.1f} us  gloo {row['gloo_us']:9.1f} us"
                   f"  tcp {row['tcp_us']:9.1f} us", flush=True)
-        del x, y, send, recv
     ring.close()
     dist.destroy_process_group()
     if r == 0:

@@ -6,8 +6,9 @@ same loop runs bare (no State, no @run), for the steady-state overhead of fault 
 
 Each worker writes its pid to OUT/pid.<worker> and, per completed step, one JSON line to
 OUT/steps.<worker>.jsonl: wall time ``t``, step ``s`` (steps applied by the job), generation
-``g``, world size ``n``, loader epoch ``e`` and, with --log-samples, the step's per-rank sample
-indices ``p`` (the whole world's plan, so a step is accounted for even if its rank died).
+``g``, world size ``n``, loader epoch ``e``, samples in the step across the world ``b`` and,
+with --log-samples, the step's per-rank sample indices ``p`` (the whole world's plan, so a
+step is accounted for even if one of its ranks died).
 The job ends after --steps steps, or at the first epoch end after the file OUT/stop appears.
 
     phalanx run -np 4 --min-np 2 --max-restarts 3 src/phalanx/bench/recovery_worker.py OUT --ft on
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         return state.step if state is not None else bare_steps[0]
 
     def one_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        plan = loader.pending_step if args.log_samples else None
+        pending = loader.pending_step or []
+        plan = pending if args.log_samples else None
+        samples = sum(len(p) for p in pending)
         epoch = loader.epoch
         before = applied()
         opt.zero_grad()
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             # (MembershipChanged, or a peer lost during the membership check): log it anyway.
             if applied() > before:
                 rec: dict[str, Any] = {"t": time.time(), "s": applied(), "g": px.generation(),
-                                       "n": px.size(), "e": epoch}
+                                       "n": px.size(), "e": epoch, "b": samples}
                 if plan is not None:
                     rec["p"] = [p.tolist() for p in plan]
                 log.write(json.dumps(rec) + "\n")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,9 @@ from ..launch.shmfiles import segment_path
 from ..errors import CollectiveMismatch, PhalanxError, WorkerLost
 from . import ops
 from .work import Handle, OrderedExecutor
+
+if TYPE_CHECKING:
+    from .shm import ShmAllreduce
 
 log = logging.getLogger("phalanx.comm")
 T = TypeVar("T")
@@ -56,17 +59,18 @@ class Group:
         self._lost_ranks = status
         self.broken: str | None = None
         timeout = timedelta(seconds=config.timeout)
-        opts = dist.ProcessGroupGloo._Options()
+        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=config.bind_addr)]
         opts._timeout = timeout
         try:
-            self.pg = dist.ProcessGroupGloo(store, place.rank, place.size, opts)
+            # Typed Any: torch's stubs omit the backend's collective methods.
+            self.pg: Any = dist.ProcessGroupGloo(store, place.rank, place.size, opts)
         except RuntimeError as e:
             raise WorkerLost(f"could not connect the generation {place.generation} process "
                              f"group: {e}", generation=place.generation) from e
-        self._nccl: dist.ProcessGroup | None = None
+        self._nccl: Any = None
         self._exec = OrderedExecutor(f"phalanx-comm-g{place.generation}")
-        self.shm = None
+        self.shm: ShmAllreduce | None = None
         self.shm_path = segment_path(job_id, place.generation)
         if self._use_shm():
             self._open_shm()
@@ -155,7 +159,7 @@ class Group:
                 raise CollectiveMismatch(msg)
         return sigs
 
-    def nccl(self) -> dist.ProcessGroup:
+    def nccl(self) -> Any:
         """The NCCL group for CUDA tensors, created on first use."""
         if self._nccl is None:
             if not dist.is_nccl_available():
@@ -164,8 +168,9 @@ class Group:
             store = (CoordStore(self._store._client, f"g{self.place.generation}/nccl")  # type: ignore[attr-defined]
                      if hasattr(self._store, "_client") else dist.PrefixStore("nccl", self._store))
             torch.cuda.set_device(self.place.local_rank % max(1, torch.cuda.device_count()))
-            self._nccl = dist.ProcessGroupNCCL(store, self.place.rank, self.place.size,
-                                               timedelta(seconds=self.config.timeout))
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timedelta(seconds=self.config.timeout)
+            self._nccl = dist.ProcessGroupNCCL(store, self.place.rank, self.place.size, opts)
         return self._nccl
 
     def pids(self) -> list[int]:

@@ -157,14 +157,14 @@ class ShmAllreduce:
         """Unmap the segment and close the fd.  Idempotent."""
         if getattr(self, "_fd", None) is None:
             return
-        self._views, self._u8 = {}, None
-        self._flags = self._sigs = None
+        self._views, self._u8 = {}, None  # type: ignore[assignment]
+        self._flags = self._sigs = None  # type: ignore[assignment]
         try:
             self._mm.close()
         except BufferError:
             pass                # a view still exported elsewhere: unmapped when it dies
         os.close(self._fd)
-        self._fd = None
+        self._fd = None  # type: ignore[assignment]
         self._broken = self._broken or "ShmAllreduce is closed"
 
     def __enter__(self) -> ShmAllreduce:
@@ -192,11 +192,14 @@ class ShmAllreduce:
                              "use 'sum' and divide yourself")
         if op in ("min", "max") and dt.is_complex:
             raise ValueError(f"op={op!r} is undefined for complex dtype {dt}; use a real view")
+        fn: Callable[..., torch.Tensor]
         if dt == torch.bool:
             fn = torch.logical_or if op in ("sum", "max") else torch.logical_and
         else:
-            fn = {"sum": torch.add, "avg": torch.add, "prod": torch.mul,
-                  "min": torch.minimum, "max": torch.maximum}[op]
+            table: dict[str, Callable[..., torch.Tensor]] = {
+                "sum": torch.add, "avg": torch.add, "prod": torch.mul,
+                "min": torch.minimum, "max": torch.maximum}
+            fn = table[op]
         n = flat.numel()
         self._start(1, _OPS.index(op), _DTYPES.index(dt), n, 0, signature)
         if n == 0:

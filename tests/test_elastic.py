@@ -92,3 +92,41 @@ def test_replacement_joins_and_heals(tmp_path, reference) -> None:
     assert "respawning it" in res.stderr
     heals = [r["heal"] for f in finals for r in f["recoveries"]]
     assert any("heal from it" in h for h in heals), heals
+
+
+@pytest.mark.timeout(180)
+def test_worker_started_later_joins_a_running_job(tmp_path, reference) -> None:
+    """`phalanx run --max-np 3 --join-file F` + `phalanx join F ...`: the job grows to 3."""
+    import time
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    join_file = tmp_path / "join.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    job_args = [str(JOB), str(out), "6", "0.05"]
+    cli = [sys.executable, "-m", "phalanx.launch.cli"]
+    main = subprocess.Popen(cli + ["run", "-np", "2", "--max-np", "3", "--join-file",
+                                   str(join_file), *job_args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    joiner = None
+    try:
+        deadline = time.monotonic() + 30
+        while not join_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert oct(join_file.stat().st_mode & 0o777) == "0o600"
+        joiner = subprocess.Popen(cli + ["join", str(join_file), *job_args], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        j_out, j_err = joiner.communicate(timeout=120)
+        m_out, m_err = main.communicate(timeout=120)
+    finally:
+        for p in (main, joiner):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert joiner.returncode == 0, j_err[-2000:]
+    res = subprocess.CompletedProcess(main.args, main.returncode, m_out, m_err)
+    finals = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+    samples = [json.loads(line) for p in out.glob("samples.*.jsonl")
+               for line in p.read_text().splitlines()]
+    check(res, finals, samples, reference[6], expect_size=3, epochs=6)
+    assert any(p.name.startswith("samples.joined-") for p in out.iterdir())
+    assert not join_file.exists()

@@ -46,6 +46,9 @@ def _run_parser() -> _Parser:
                         "kill:random,every=50 (see README)")
     p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
                    help="address the coordinator listens on (default 127.0.0.1)")
+    p.add_argument("--join-file", default=None, metavar="PATH",
+                   help="write the coordinator address and job secret to PATH (mode 0600) so "
+                        "more workers can join with `phalanx join PATH script.py` (with --max-np)")
     p.add_argument("script", help="Python script to run on every worker")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
@@ -76,8 +79,38 @@ def run_main(argv: list[str]) -> int:
     from .supervisor import RunConfig, Supervisor
     cfg = RunConfig(np=a.np, script=a.script, args=list(a.args), min_np=a.min_np,
                     max_np=a.max_np, max_restarts=a.max_restarts, timeout=a.timeout,
-                    heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos, bind=a.bind)
+                    heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos, bind=a.bind,
+                    join_file=a.join_file)
     return Supervisor(cfg).run()
+
+
+def join_main(argv: list[str]) -> int:
+    """`phalanx join FILE script.py ...`: run one more worker in a running elastic job."""
+    p = _Parser(prog="phalanx join",
+                description="Start one worker that joins a running job (started with "
+                            "`phalanx run --max-np ... --join-file FILE`) at its next step "
+                            "boundary; it heals from its peers and trains with them.")
+    p.add_argument("join_file", help="the file `phalanx run --join-file` wrote")
+    p.add_argument("script", help="the job's training script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    a = p.parse_args(argv)
+    import json
+    import subprocess
+    import uuid
+    try:
+        with open(a.join_file) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        p.error(f"cannot read join file {a.join_file!r}: {e}")
+    if not os.path.isfile(a.script):
+        p.error(f"script {a.script!r} not found")
+    from .. import env
+    from .supervisor import CHILD
+    wenv = {**os.environ, env.COORD_ADDR: info["address"], env.SECRET: info["secret"],
+            env.JOB_ID: info["job_id"], env.HOST: info["host"],
+            env.WORKER_ID: f"joined-{uuid.uuid4().hex[:8]}", env.ELASTIC: "1", env.GROWTH: "1",
+            "PYTHONUNBUFFERED": "1"}
+    return subprocess.call([sys.executable, CHILD, a.script, *a.args], env=wenv)
 
 
 def bench_main(argv: list[str]) -> int:
@@ -108,8 +141,9 @@ def bench_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: phalanx {run,bench} ...\n\n"
+        print("usage: phalanx {run,join,bench} ...\n\n"
               "  run     run a script on N fault-tolerant workers (phalanx run --help)\n"
+              "  join    add a worker to a running job (phalanx join --help)\n"
               "  bench   benchmarks against DDP, Gloo, TCP, torchrun (phalanx bench --help)")
         return 0
     if argv[0] in ("--version", "-V"):
@@ -121,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(rest)
     if cmd == "bench":
         return bench_main(rest)
+    if cmd == "join":
+        return join_main(rest)
     sys.stderr.write(f"phalanx: error: unknown command {cmd!r}; use run or bench "
                      "(see `phalanx --help`)\n")
     return 2

@@ -7,6 +7,7 @@ output line with the worker's rank, forwards SIGINT/SIGTERM, and cleans up share
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -53,6 +54,8 @@ class RunConfig:
     """Address the coordinator listens on."""
     extra_env: dict[str, str] = field(default_factory=dict)
     """More environment for the workers."""
+    join_file: str | None = None
+    """Write the coordinator address and job secret here (mode 0600) for `phalanx join`."""
 
     @property
     def can_grow(self) -> bool:
@@ -72,6 +75,14 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     pumps: list[threading.Thread]
     fenced: bool = False
+
+
+def write_join_file(path: str, address: str, secret: str, job_id: str, host: str) -> None:
+    """What a worker needs to join this job from outside the launcher; readable by owner only."""
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"address": address, "secret": secret, "job_id": job_id, "host": host}, f)
+    os.replace(path + ".tmp", path)
 
 
 def _exiting(pid: int) -> bool:
@@ -219,6 +230,9 @@ class Supervisor:
         _log_to_stderr()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.server.start()
+        if cfg.join_file:
+            write_join_file(cfg.join_file, self.server.address, self._secret, self.job_id,
+                            self.host)
         try:
             for slot in range(cfg.np):
                 self._spawn(slot, 0)
@@ -231,6 +245,11 @@ class Supervisor:
             for t in pumps:
                 t.join(timeout=2)
             shm_cleanup(self.job_id)
+            if cfg.join_file:
+                try:
+                    os.unlink(cfg.join_file)
+                except FileNotFoundError:
+                    pass
             for s, h in old.items():
                 signal.signal(s, h)
 

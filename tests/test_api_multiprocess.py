@@ -23,6 +23,12 @@ out["inplace_ok"] = bool((t == n - 1).all())
 h = px.allreduce_async(torch.ones(3, dtype=torch.float64), op="avg")
 out["async_ok"] = h.wait().tolist() == [1.0, 1.0, 1.0]
 out["scalar"] = px.allreduce(r + 1)
+base = torch.zeros(4, 3)
+px.allreduce_(base[:, 1].fill_(r + 1.0), op="sum")          # non-contiguous: written back
+a2 = np.ones((3, 4))[:, ::2]
+px.allreduce_(a2, op="sum")
+out["noncontig_ok"] = bool((base[:, 1] == n * (n + 1) / 2).all() and (base[:, 0] == 0).all()
+                           and (a2 == n).all())
 g = px.allgather(np.full((r + 1, 2), r, dtype=np.int16))
 out["allgather_ok"] = type(g).__name__ == "ndarray" and g.shape == (n * (n + 1) // 2, 2)
 out["bcast"] = px.broadcast(np.array([r, r]), root=n - 1).tolist()
@@ -42,7 +48,7 @@ def test_public_api_on_real_processes(job, tmp_path, n, algo) -> None:
     for r in range(n):
         out = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert out["np_type"] == "ndarray" and out["np_ok"] and out["inplace_ok"]
-        assert out["async_ok"] and out["allgather_ok"]
+        assert out["async_ok"] and out["allgather_ok"] and out["noncontig_ok"]
         assert out["scalar"] == n * (n + 1) // 2
         assert out["bcast"] == [n - 1, n - 1]
         assert out["objs"] == [{"r": k} for k in range(n)]

@@ -69,6 +69,15 @@ def _back(t: torch.Tensor, kind: str) -> Any:
     return {"bool": bool, "int": int, "float": float, "complex": complex}[kind](t.item())
 
 
+def _write_back(x: Any, t: torch.Tensor) -> Any:
+    """Copy a result into the caller's object when the op worked on a contiguous copy."""
+    if isinstance(x, torch.Tensor) and t is not x:
+        x.copy_(t)
+    elif isinstance(x, np.ndarray) and not np.shares_memory(x, t.numpy()):
+        x[...] = t.numpy()
+    return x
+
+
 def allreduce(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> ArrayLike:
     """Reduce `x` across ranks (op: sum, avg, min, max, prod); `x` is left unchanged."""
     t, kind = _to_tensor(x, "x", "allreduce")
@@ -85,11 +94,7 @@ def allreduce_(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> Arr
     t, kind = _to_tensor(x, "x", "allreduce_")
     g = runtime.current().group
     g.run("allreduce", lambda: C.allreduce_(g, t, op, name))
-    if isinstance(x, torch.Tensor) and t is not x:
-        x.copy_(t)
-    elif isinstance(x, np.ndarray) and not np.shares_memory(x, t.numpy()):
-        x[...] = t.numpy()
-    return x
+    return _write_back(x, t)
 
 
 class _Converted(Handle[Any]):
@@ -154,11 +159,7 @@ def broadcast_(x: ArrayLike, root: int = 0, *, name: str | None = None) -> Array
     t, _ = _to_tensor(x, "x", "broadcast_")
     g = runtime.current().group
     g.run("broadcast", lambda: C.broadcast_(g, t, root, name))
-    if isinstance(x, torch.Tensor) and t is not x:
-        x.copy_(t)
-    elif isinstance(x, np.ndarray) and not np.shares_memory(x, t.numpy()):
-        x[...] = t.numpy()
-    return x
+    return _write_back(x, t)
 
 
 def reducescatter(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> ArrayLike:

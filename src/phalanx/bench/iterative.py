@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         out = scratch / "phalanx.json"
         job = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(a.np),
                *_worker_args(a, data, out, "phalanx")]
-        px = _run(job, out, 1, "the phalanx job", timeout=3600)
-        results["phalanx_cached"] = {k: v for k, v in px["cached"].items() if k != "w"}
-        results["phalanx_reread"] = {k: v for k, v in px["reread"].items() if k != "w"}
+        res = _run(job, out, 1, "the phalanx job", timeout=3600)
+        results["phalanx_cached"] = {k: v for k, v in res["cached"].items() if k != "w"}
+        results["phalanx_reread"] = {k: v for k, v in res["reread"].items() if k != "w"}
         print(f"phalanx: cached {px['cached']['s_per_iter']:.4f} s/iter, re-read "
               f"{px['reread']['s_per_iter']:.4f} s/iter", flush=True)
         if not a.skip_sklearn:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                    "format": a.format, "iters": a.iters, "np": a.np, "lr": a.lr, "C": a.C,
                    "bytes_on_disk": disk, "bytes_in_memory": a.rows * (a.features + 1) * 4,
                    "drop_caches": a.drop_caches, "sklearn_threads": a.np,
-                   "same_model_cached_and_reread": px["same_model"]},
+                   "same_model_cached_and_reread": res["same_model"]},
         "results": results,
         "ratios": {f"{k}_over_cached": v["s_per_iter"] / cached
                    for k, v in results.items() if k != "phalanx_cached"},

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     import torch.distributed as dist
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     torch.set_num_threads(1)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     digits = load_digits()
     data = TensorDataset(torch.tensor(digits.data / 16.0, dtype=torch.float32),
                          torch.tensor(digits.target))
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler)
     torch.manual_seed(0)
     h = args.hidden
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.load_state_dict(sd["optimizer"])
         epoch, step = int(sd["epoch"]), int(sd["step"])
     ddp = nn.parallel.DistributedDataParallel(model)
-    log = open(os.path.join(args.out, f"tsteps.{rank}.{attempt}.jsonl"), "a", buffering=1)
+    log = open(os.path.join(args.out, f"tsteps.{rank}.{attempt}.jsonl"), "a",  # noqa: SIM115
+               buffering=1)   # one line per step, flushed: the benchmark tails it live
     per_step_world = args.batch_size * world
     per_epoch = math.ceil(len(sampler) / args.batch_size)
     while True:

@@ -6,7 +6,8 @@ same loop runs bare (no State, no @run), for the steady-state overhead of fault 
 
 Each worker writes its pid to OUT/pid.<worker> and, per completed step, one JSON line to
 OUT/steps.<worker>.jsonl: wall time ``t``, step ``s`` (steps applied by the job), generation
-``g``, world size ``n``, loader epoch ``e``, samples in the step across the world ``b`` and,
+``g``, world size ``n``, loader epoch ``e``, samples in the step across the world ``b``, the
+process's CPU seconds so far ``c`` and,
 with --log-samples, the step's per-rank sample indices ``p`` (the whole world's plan, so a
 step is accounted for even if one of its ranks died).
 The job ends after --steps steps, or at the first epoch end after the file OUT/stop appears.
@@ -39,20 +40,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     import torch
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     import phalanx as px
     from phalanx.data import ArrayDataset, ShardedLoader
 
     torch.set_num_threads(1)
-    px.init()
-    me = os.environ.get("PHALANX_WORKER_ID", "solo")
-    with open(os.path.join(args.out, f"pid.{me}"), "w") as f:
-        f.write(str(os.getpid()))
+    # Load the data before joining: load_digits parses text holding the GIL for ~0.3 s (more on
+    # a loaded machine), which would starve the heartbeat thread that px.init() starts.
     digits = load_digits()
     x_all = torch.tensor(digits.data / 16.0, dtype=torch.float32)
     y_all = torch.tensor(digits.target)
     loader = ShardedLoader(ArrayDataset(x_all, y_all), batch_size=args.batch_size, seed=0)
+    px.init()
+    me = os.environ.get("PHALANX_WORKER_ID", "solo")
+    with open(os.path.join(args.out, f"pid.{me}"), "w") as f:
+        f.write(str(os.getpid()))
     torch.manual_seed(0)
     h = args.hidden
     nn = torch.nn
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                           nn.Linear(h, 10))
     opt = px.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                   model=model)
-    log = open(os.path.join(args.out, f"steps.{me}.jsonl"), "a", buffering=1)
+    log = open(os.path.join(args.out, f"steps.{me}.jsonl"), "a", buffering=1)  # noqa: SIM115
     stop_file = os.path.join(args.out, "stop")
     state = (px.elastic.State(model=model, optimizer=opt, loaders=[loader], epoch=0)
              if args.ft == "on" else None)
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             # (MembershipChanged, or a peer lost during the membership check): log it anyway.
             if applied() > before:
                 rec: dict[str, Any] = {"t": time.time(), "s": applied(), "g": px.generation(),
-                                       "n": px.size(), "e": epoch, "b": samples}
+                                       "n": px.size(), "e": epoch, "b": samples,
+                                       "c": time.process_time()}
                 if plan is not None:
                     rec["p"] = [p.tolist() for p in plan]
                 log.write(json.dumps(rec) + "\n")
@@ -105,11 +109,13 @@ def main(argv: list[str] | None = None) -> None:
             if not args.steps and should_stop():
                 return
 
-    if state is not None:
-        px.elastic.run(lambda st: epochs())(state)
-    else:
-        epochs()
-    log.close()
+    try:
+        if state is not None:
+            px.elastic.run(lambda st: epochs())(state)
+        else:
+            epochs()
+    finally:
+        log.close()
     px.barrier()
 
 

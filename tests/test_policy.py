@@ -43,3 +43,11 @@ def test_order_keeps_survivors_first_then_newcomers_grouped_by_host() -> None:
                m("s1", host="h2")]
     order = order_world(members, previous=["s0", "dead", "s1", "s2"])
     assert order == ["s0", "s2", "s1", "new"]
+
+
+def test_a_stopped_process_is_lost_sooner_than_a_busy_one() -> None:
+    members = [m("busy", beat=9.0), m("stopped", beat=9.0)]
+    d = find_lost(members, now=10.0, heartbeat_timeout=3.0, stopped={"stopped"},
+                  stopped_timeout=0.5)
+    assert d.act and d.members == ["stopped"] and "process stopped" in d.reason
+    assert find_lost(members, now=12.5, heartbeat_timeout=3.0).members == ["busy", "stopped"]

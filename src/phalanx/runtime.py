@@ -70,7 +70,8 @@ class Runtime:
                           hosts=a["hosts"], pids=a["pids"])
         self.steps = list(a.get("steps", []))
         self.workers = list(a.get("workers", []))
-        store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout)
+        store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout,
+                           abort_check=self.client.abort_reason)
         return Group(place, store, self.config, job_id=self.job_id,
                      abort_check=self.client.abort_reason, status=self._lost_ranks)
 

@@ -38,14 +38,30 @@ class Decision:
     members: list[str] = field(default_factory=list)
 
 
-def find_lost(members: list[MemberStatus], now: float, heartbeat_timeout: float) -> Decision:
-    """Workers alive in our books whose last heartbeat is older than the timeout."""
-    lost = [m.worker for m in members
-            if m.alive and m.last_heartbeat and now - m.last_heartbeat > heartbeat_timeout]
+def find_lost(members: list[MemberStatus], now: float, heartbeat_timeout: float, *,
+              stopped: set[str] | None = None, stopped_timeout: float | None = None) -> Decision:
+    """Workers alive in our books whose last heartbeat is older than the timeout.
+
+    A long timeout tolerates a busy interpreter delaying the heartbeat thread; a worker whose
+    process is known to be stopped (SIGSTOP, state T) is declared lost after the much shorter
+    `stopped_timeout`, since it cannot come back on its own.
+    """
+    stopped = stopped or set()
+    fast = stopped_timeout if stopped_timeout is not None else heartbeat_timeout
+    lost, why = [], []
+    for m in members:
+        if not (m.alive and m.last_heartbeat):
+            continue
+        silent = now - m.last_heartbeat
+        if silent > heartbeat_timeout:
+            lost.append(m.worker)
+            why.append(f"{m.worker}: no heartbeat for {silent:.2f}s (> {heartbeat_timeout:.2f}s)")
+        elif m.worker in stopped and silent > fast:
+            lost.append(m.worker)
+            why.append(f"{m.worker}: process stopped and silent for {silent:.2f}s")
     if not lost:
         return Decision(act=False, reason="all heartbeats fresh")
-    return Decision(act=True, members=lost,
-                    reason=f"no heartbeat for more than {heartbeat_timeout:.2f}s from {lost}")
+    return Decision(act=True, members=lost, reason="; ".join(why))
 
 
 def order_world(members: list[MemberStatus], previous: list[str]) -> list[str]:

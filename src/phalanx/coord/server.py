@@ -43,7 +43,9 @@ class CoordServer:
     def __init__(self, secret: str, *, host: str = "127.0.0.1", port: int = 0,
                  target_np: int = 1, min_np: int | None = None, max_np: int | None = None,
                  heartbeat_timeout: float = 3.0, settle: float = 1.0,
-                 fence: FenceFn | None = None) -> None:
+                 fence: FenceFn | None = None,
+                 probe_stopped: Callable[[str, int], bool] | None = None,
+                 stopped_timeout: float = 0.5) -> None:
         self._secret = secret
         self.target_np = target_np
         self.min_np = min_np if min_np is not None else target_np
@@ -51,6 +53,8 @@ class CoordServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.settle = settle
         self.fence = fence
+        self.probe_stopped = probe_stopped
+        self.stopped_timeout = stopped_timeout
         self._cv = threading.Condition()
         self._kv: dict[str, bytes] = {}
         self._members: dict[str, policy.MemberStatus] = {}
@@ -164,9 +168,18 @@ class CoordServer:
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(0.05):
+            now = time.monotonic()
+            with self._cv:
+                # Probe only workers already silent for a while: a /proc read each, cheap.
+                quiet = [(m.worker, self._pids.get(m.worker, -1)) for m in self._members.values()
+                         if m.alive and m.last_heartbeat
+                         and now - m.last_heartbeat > self.stopped_timeout]
+            stopped = ({w for w, pid in quiet if pid > 0 and self.probe_stopped(w, pid)}
+                       if self.probe_stopped is not None else set())
             with self._cv:
                 decision = policy.find_lost(list(self._members.values()), time.monotonic(),
-                                            self.heartbeat_timeout)
+                                            self.heartbeat_timeout, stopped=stopped,
+                                            stopped_timeout=self.stopped_timeout)
                 self._maybe_form()
             if decision.act:
                 for w in decision.members:

@@ -78,9 +78,12 @@ def run(func: Callable[..., R]) -> Callable[..., R]:
             resumed = state.checkpointer.load_latest(state)
             if resumed is not None:
                 log.warning("resumed from checkpoint at step %d", resumed)
-        state.sync()
+        synced = False
         while True:
             try:
+                if not synced:
+                    state.sync()  # replacements heal from their peers before the first step
+                    synced = True
                 return func(state, *args, **kwargs)
             except (WorkerLost, MembershipChanged) as e:
                 if not elastic_enabled():
@@ -89,6 +92,7 @@ def run(func: Callable[..., R]) -> Callable[..., R]:
                             type(e).__name__, e)
                 try:
                     recover(state, e)
+                    synced = True
                 except JobFinished:
                     # The others finished the job while this worker was cut off: nothing is lost.
                     log.warning("the job finished while this worker was re-forming; exiting")

@@ -40,7 +40,8 @@ def _run_parser() -> _Parser:
     p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
                    help="collective timeout before a silent peer counts as lost (default 30)")
     p.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SEC",
-                   help="heartbeat silence before a worker is declared lost and fenced (default 3)")
+                   help="heartbeat silence before a worker is declared lost and fenced (default 3); a "
+                        "worker whose process is stopped (SIGSTOP) is fenced after 0.5 s")
     p.add_argument("--chaos", default=None, metavar="SPEC",
                    help="inject faults, e.g. kill:rank=2,step=40 or stop:rank=1,step=10 or "
                         "kill:random,every=50 (see README)")

@@ -85,13 +85,18 @@ def write_join_file(path: str, address: str, secret: str, job_id: str, host: str
     os.replace(path + ".tmp", path)
 
 
-def _exiting(pid: int) -> bool:
-    """True if the process is already a zombie (it exited; nothing to fence)."""
+def _proc_state(pid: int) -> str:
+    """The process state letter from /proc (R, S, T, Z, ...), or '' if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return True
+        return ""
+
+
+def _exiting(pid: int) -> bool:
+    """True if the process is already a zombie or gone (it exited; nothing to fence)."""
+    return _proc_state(pid) in ("Z", "X", "")
 
 
 def describe_exit(code: int) -> str:
@@ -134,7 +139,7 @@ class Supervisor:
         self.server = CoordServer(self._secret, host=cfg.bind, target_np=cfg.np,
                                   min_np=cfg.min_np, max_np=cfg.max_np,
                                   heartbeat_timeout=cfg.heartbeat_timeout, settle=5.0,
-                                  fence=self._fence)
+                                  fence=self._fence, probe_stopped=self._is_stopped)
 
     # ------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
@@ -177,6 +182,12 @@ class Supervisor:
             t.start()
         with self._lock:
             self._workers[worker_id] = _Worker(slot=slot, worker_id=worker_id, proc=proc, pumps=pumps)
+
+    def _is_stopped(self, worker_id: str, pid: int) -> bool:
+        """Coordinator probe: is this (local) worker's process stopped (state T)?"""
+        with self._lock:
+            w = self._workers.get(worker_id)
+        return w is not None and w.proc.pid == pid and _proc_state(pid) in ("T", "t")
 
     def _fence(self, worker_id: str, pid: int, urgent: bool = True) -> None:
         """Coordinator callback: kill a worker declared lost so its peers fail fast."""

@@ -42,6 +42,15 @@ def _build(model: str) -> Any:
     return nn.Sequential(*[Block() for _ in range(128)], nn.Linear(64, 10)), 64
 
 
+def _pin(rank: int) -> None:
+    """One core per worker, the same for every mode (mpirun's --bind-to core): freshly
+    started workers otherwise share a core until the scheduler spreads them, which makes
+    short timings noisy."""
+    if hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
+
+
 def _worker(args: argparse.Namespace) -> None:
     """Time `steps` training steps after `warmup`; rank 0 prints one JSON line."""
     import torch
@@ -57,6 +66,7 @@ def _worker(args: argparse.Namespace) -> None:
         rank, world = args.rank, args.world
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
                                 world_size=world)
+    _pin(rank)
     torch.manual_seed(0)
     model, width = _build(args.model)
     opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -160,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phalanx bench train", description=__doc__.split("\n")[0])
     p.add_argument("--np", type=int, default=2, help="workers for phalanx and DDP (default 2)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="untimed steps first (default 20: fresh workers can share a core until the "
+                        "scheduler spreads them)")
     p.add_argument("--batch-size", type=int, default=32, help="per-worker batch (default 32)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each mode this many times, interleaved, and keep the best (default 1)")

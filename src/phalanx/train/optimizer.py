@@ -34,12 +34,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 
     To clip gradients, call `synchronize()` first, then step inside `skip_synchronize()`.
+
+    Gradients are fused into buckets of `bucket_cap_mb`. With `overlap=True` (default) a
+    bucket is reduced as soon as backward has produced all its gradients; `overlap=False`
+    reduces everything after backward (on a 2-core machine with 2 workers the two measured the
+    same, within noise).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
                  named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
                  op: str = "avg", compression: str = "none", topk_ratio: float = 0.01,
-                 bucket_cap_mb: float = 25, backward_passes_per_step: int = 1) -> None:
+                 bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
+                 overlap: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer={type(optimizer).__name__} is not a "
                               "torch.optim.Optimizer; pass e.g. "
@@ -68,6 +74,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.op, self.compression, self.topk_ratio = op, compression, topk_ratio
         self.bucket_cap_mb = bucket_cap_mb
         self.backward_passes_per_step = backward_passes_per_step
+        self.overlap = overlap
         self._compressor: Compressor = make_compressor(compression, topk_ratio)
         if model is not None:
             named_parameters = model.named_parameters()
@@ -265,7 +272,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         bi = self._where[p][0]
         missing = self._missing
         missing[bi] -= 1
-        if missing[bi] == 0 and bi == self._next_launch:
+        if missing[bi] == 0 and bi == self._next_launch and self.overlap:
             buckets = self._buckets
             while self._next_launch < len(buckets) and missing[self._next_launch] == 0:
                 self._launch(buckets[self._next_launch])

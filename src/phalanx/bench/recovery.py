@@ -521,6 +521,13 @@ def _report(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
                      f"CPU per step (median, all workers) on {t['cpu_on_ms_per_step']:.1f} ms, "
                      f"off {t['cpu_off_ms_per_step']:.1f} ms, overhead "
                      f"{t['cpu_overhead_pct']:+.1f}%")
+        runs = t.get("runs", {})
+        if len(runs.get("on", [])) > 1 and len(runs.get("off", [])) > 1:
+            # Medians resist the odd run where two workers briefly shared a core.
+            med_on, med_off = statistics.median(runs["on"]), statistics.median(runs["off"])
+            lines.append(f"steady state (median of {len(runs['on'])}): on {med_on:.0f} samples/s, "
+                         f"off {med_off:.0f} samples/s, overhead "
+                         f"{100 * (1 - med_on / med_off):+.1f}%")
     lines += [f"target {name}: {verdict}" for name, verdict in res.get("verdicts", {}).items()]
     return lines
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sklearn import cluster, datasets, decomposition, linear_model, naive_bayes
-from sklearn.preprocessing import StandardScaler
+
+from test_data_estimators import load
+from sklearn import cluster, decomposition, linear_model, naive_bayes
 
 pytestmark = pytest.mark.slow
 
@@ -110,12 +110,6 @@ with open(f"{sys.argv[1]}/rank{rank}.pkl", "wb") as f:
 """
 
 
-@cache
-def load(name: str, standardise: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    X, y = getattr(datasets, f"load_{name}")(return_X_y=True)
-    if standardise:
-        X = StandardScaler().fit_transform(X)
-    return X.astype(np.float64), y
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda w: f"np{w}")

@@ -268,23 +268,17 @@ def make():
     return ml.KMeans(10, init=np.load(os.path.join(out_dir, "init.npy")))
 
 
+from phalanx.data.ml import fit_elastic
 recoveries = []
-while True:
-    try:
-        model = make().fit(part)
-        break
-    except px.WorkerLost as e:
-        old_rank, old_world = px.rank(), px.size()
-        px.runtime.current().reform()
-        # Survivors agree on who left from who is still here (e.lost_ranks may be empty when the
-        # coordinator had not yet noticed the death when the collective failed).
-        alive = px.allgather_object(old_rank)
-        lost = sorted(set(range(old_world)) - set(alive))
-        reads = source.reads
-        new = part.reassign(px.rank(), px.size(), lost_ranks=lost)
-        recoveries.append({"lost": lost, "reported": e.lost_ranks, "adopted": new,
-                           "reads_before": reads, "old_rank": old_rank,
-                           "calls_at_loss": calls})
+reads_at_loss = [0]
+orig_reassign = part.reassign
+def reassign(*a, **k):  # note how much the source was read when the loss happened
+    reads_at_loss[0] = source.reads
+    return orig_reassign(*a, **k)
+part.reassign = reassign
+def note(info):
+    recoveries.append({**info, "reads_before": reads_at_loss[0], "calls_at_loss": calls})
+model = fit_elastic(make(), part, on_recovery=note)
 
 fields = ("coef_", "intercept_") if estimator == "logistic" else ("cluster_centers_", "inertia_")
 result = {f: np.asarray(getattr(model, f)).tolist() for f in fields}

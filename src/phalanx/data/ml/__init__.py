@@ -4,6 +4,7 @@ a dataset) and reduces sufficient statistics across ranks, so every rank ends wi
 from __future__ import annotations
 
 from ._common import NotFittedError
+from .elastic import fit_elastic
 from .kmeans import KMeans, kmeans_plusplus
 from .linear import LinearRegression
 from .logistic import LogisticRegression
@@ -17,5 +18,6 @@ __all__ = [
            "LinearRegression",
            "LogisticRegression",
            "NotFittedError",
+           "fit_elastic",
            "kmeans_plusplus",
 ]

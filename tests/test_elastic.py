@@ -85,6 +85,16 @@ def test_survivors_continue(tmp_path, reference, name, np, flags, size) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_worker_cut_off_from_the_coordinator_is_fenced(tmp_path, reference) -> None:
+    """Its connections to the coordinator drop while it keeps running: declared lost, fenced
+    by its launcher, and the survivors continue."""
+    res, finals, samples = run(tmp_path, 3, "--min-np", "2", "--chaos", "cut:rank=1,step=15",
+                               compute=0.01)
+    check(res, finals, samples, reference[3], expect_size=2)
+    assert "cutting rank 1" in res.stderr and "fenced by the launcher" in res.stderr
+
+
+@pytest.mark.timeout(180)
 def test_replacement_joins_and_heals(tmp_path, reference) -> None:
     res, finals, samples = run(tmp_path, 3, "--min-np", "2", "--max-restarts", "1", "--chaos",
                                "kill:rank=1,step=15", epochs=6, compute=0.05)

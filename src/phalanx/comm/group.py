@@ -92,7 +92,14 @@ class Group:
                                 timeout=self.config.timeout, peer_pids=peers,
                                 abort_check=self._abort_check)
         # Once every rank has mapped the segment its name can go: nothing leaks on a crash.
-        self.wait(self.pg.barrier())
+        try:
+            self.wait(self.pg.barrier())
+        except TransportError as e:
+            self.shm.unlink()
+            self.shm.close()
+            self.shm = None
+            raise WorkerLost(f"a peer was lost while generation {self.place.generation} set up "
+                             f"shared memory: {e}", generation=self.place.generation) from e
         if self.place.local_rank == 0:
             self.shm.unlink()
 

@@ -174,6 +174,16 @@ class CoordClient:
             return f"rank(s) {s['lost_ranks']} of generation {self.generation} were declared lost"
         return None
 
+    def sever(self) -> None:
+        """Drop every connection to the coordinator without a goodbye (chaos: a network cut)."""
+        self._hb_stop.set()
+        for chan in (self._hb_chan, self._chan):
+            if chan is not None:
+                try:
+                    chan.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     def close(self, *, leave: bool = True) -> None:
         if leave:
             self.leave()

@@ -13,6 +13,9 @@ import sys
 from dataclasses import dataclass
 
 KINDS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
+CUT = "cut"
+"""Not a signal: sever the worker's coordinator connections (a network cut-off); it keeps
+running until the coordinator declares it lost and its launcher fences it."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -32,8 +35,9 @@ def parse_chaos(spec: str) -> list[ChaosRule]:
     rules: list[ChaosRule] = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
         kind, _, rest = part.partition(":")
-        if kind not in KINDS:
-            raise ValueError(f"--chaos {part!r}: kind {kind!r} is not one of {sorted(KINDS)}")
+        if kind not in KINDS and kind != CUT:
+            raise ValueError(f"--chaos {part!r}: kind {kind!r} is not one of "
+                             f"{sorted([*KINDS, CUT])}")
         fields: dict[str, int | None] = {"rank": None, "step": None, "every": None,
                                          "recovery": None, "seed": 0}
         for item in filter(None, rest.split(",")):
@@ -91,21 +95,29 @@ def rules_from_env() -> list[ChaosRule]:
     return _cached[1]
 
 
+def _fire(kind: str, what: str) -> None:
+    if kind == CUT:
+        sys.stderr.write(f"[chaos] cutting {what} off from the coordinator\n")
+        sys.stderr.flush()
+        from .. import runtime
+        rt = runtime._runtime
+        if rt is not None and rt.client is not None:
+            rt.client.sever()
+        return
+    sys.stderr.write(f"[chaos] sending {KINDS[kind].name} to {what}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), KINDS[kind])
+
+
 def maybe_inject(rules: list[ChaosRule], *, rank: int, size: int, step: int) -> None:
-    """Send ourselves the rule's signal if it fires now (a real signal, as an operator would)."""
+    """Fire a rule that hits now: a real signal to ourselves, as an operator would send."""
     for rule in rules:
         if should_fire(rule, rank=rank, size=size, step=step):
-            sys.stderr.write(f"[chaos] sending {KINDS[rule.kind].name} to rank {rank} "
-                             f"(pid {os.getpid()}) at step {step}\n")
-            sys.stderr.flush()
-            os.kill(os.getpid(), KINDS[rule.kind])
+            _fire(rule.kind, f"rank {rank} (pid {os.getpid()}) at step {step}")
 
 
 def maybe_inject_in_recovery(rules: list[ChaosRule], *, rank: int, recovery: int) -> None:
     """Send ourselves the rule's signal in the middle of a recovery (after re-forming)."""
     for rule in rules:
         if fires_in_recovery(rule, rank=rank, recovery=recovery):
-            sys.stderr.write(f"[chaos] sending {KINDS[rule.kind].name} to rank {rank} "
-                             f"(pid {os.getpid()}) during recovery {recovery}\n")
-            sys.stderr.flush()
-            os.kill(os.getpid(), KINDS[rule.kind])
+            _fire(rule.kind, f"rank {rank} (pid {os.getpid()}) during recovery {recovery}")

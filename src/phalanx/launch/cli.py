@@ -43,8 +43,9 @@ def _run_parser() -> _Parser:
                    help="heartbeat silence before a worker is declared lost and fenced (default 3); a "
                         "worker whose process is stopped (SIGSTOP) is fenced after 0.5 s")
     p.add_argument("--chaos", default=None, metavar="SPEC",
-                   help="inject faults, e.g. kill:rank=2,step=40 or stop:rank=1,step=10 or "
-                        "kill:random,every=50 (see README)")
+                   help="inject faults, e.g. kill:rank=2,step=40, stop:rank=1,step=10, "
+                        "cut:rank=1,step=10 (cut off from the coordinator), kill:random,every=50 "
+                        "or kill:rank=1,recovery=1; several rules separated by ';'")
     p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
                    help="address the coordinator listens on (default 127.0.0.1)")
     p.add_argument("--join-file", default=None, metavar="PATH",

@@ -164,7 +164,9 @@ def step_completed() -> None:
     if rules:
         g = rt.group.place
         chaos.maybe_inject(rules, rank=g.rank, size=g.size, step=step)
-    check_membership()
+    if st is not None:
+        # Only an elastic loop (State + @run) can admit newcomers; a plain script keeps going.
+        check_membership()
 
 
 def record_recovery(state: State, **info: Any) -> None:

@@ -68,7 +68,6 @@ class Runtime:
         place = Placement(generation=a["generation"], rank=a["rank"], size=a["size"],
                           local_rank=a["local_rank"], local_size=a["local_size"],
                           hosts=a["hosts"], pids=a["pids"])
-        self.steps = list(a.get("steps", []))
         self.workers = list(a.get("workers", []))
         store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout,
                            abort_check=self.client.abort_reason)

@@ -180,6 +180,3 @@ class Group:
             self._nccl = dist.ProcessGroupNCCL(store, self.place.rank, self.place.size, opts)
         return self._nccl
 
-    def pids(self) -> list[int]:
-        return list(self.place.pids)
-

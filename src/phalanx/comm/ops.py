@@ -30,7 +30,6 @@ GLOO_NATIVE = frozenset({torch.float32, torch.float64, torch.float16, torch.bflo
 GLOO_REDUCE = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                "max": dist.ReduceOp.MAX, "prod": dist.ReduceOp.PRODUCT}
 
-SIG_LEN = 13
 _MAX_DIMS = 5
 
 

@@ -82,10 +82,6 @@ class OrderedExecutor:
             self._queue.put((fn, handle))  # type: ignore[arg-type]
         return handle.wait()
 
-    def drain(self) -> None:
-        """Wait for everything submitted so far."""
-        self.run(lambda: None)
-
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5)

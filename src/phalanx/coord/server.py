@@ -120,11 +120,6 @@ class CoordServer:
         with self._cv:
             return self._world
 
-    def members(self) -> list[policy.MemberStatus]:
-        with self._cv:
-            return [policy.MemberStatus(**{s: getattr(m, s) for s in m.__slots__})
-                    for m in self._members.values()]
-
     def declare_lost(self, worker: str, reason: str, *, urgent: bool = True) -> None:
         """Mark a worker lost, break its generation, and fence it (its launcher kills it).
 

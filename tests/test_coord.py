@@ -55,8 +55,16 @@ def test_replayed_frame_is_rejected(server) -> None:
     chan = Channel(sock, connection_key(server._secret, nonce), is_server=False)
     sent: list[bytes] = []
     real_sendall = sock.sendall
-    chan.sock = type("S", (), {"sendall": lambda self, b: (sent.append(b), real_sendall(b)),
-                               "recv_into": sock.recv_into})()
+
+    class Tap:  # the real socket, recording what is sent
+        def __getattr__(self, name: str):
+            return getattr(sock, name)
+
+        def sendall(self, b: bytes) -> None:
+            sent.append(b)
+            real_sendall(b)
+
+    chan.sock = Tap()  # type: ignore[assignment]
     chan.send({"op": "hello", "worker": "w0"})
     assert chan.recv()[0]["ok"]
     real_sendall(sent[0])  # the same bytes again: sequence number is stale
@@ -137,3 +145,30 @@ def test_unreachable_coordinator_names_the_address() -> None:
         CoordClient(f"127.0.0.1:{port}", new_secret(), "w0", connect_timeout=0.3)
     with pytest.raises(RendezvousError, match="host:port"):
         CoordClient("nonsense", new_secret(), "w0", connect_timeout=0.3)
+
+
+@pytest.mark.timeout(20)
+def test_heartbeat_cannot_be_impersonated(server) -> None:
+    w0 = client(server, "w0")
+    w0.join(host="h", rank_hint=0, pid=1)
+    w0.start_heartbeat(0.1)
+    intruder = client(server, "evil")
+    intruder.join(host="h", rank_hint=1, pid=2)
+    try:
+        # Holding the secret, and even a token of its own, is not enough to beat for w0.
+        for token in ("", "0" * 32, intruder._token, "\u00e9" * 32, None, 7):
+            c = client(server, "evil-hb")
+            reply, _ = c.request({"op": "hello", "worker": "w0", "heartbeat": True, "token": token})
+            assert not reply["ok"] and "refused" in reply["error"]
+            reply, _ = c.request({"op": "heartbeat", "worker": "w0", "generation": 0, "step": 9})
+            assert not reply["ok"] and "heartbeat connection" in reply["error"]
+            c.close(leave=False)  # a refused heartbeat connection closing means nothing
+        intruder.worker = "w0"
+        with pytest.raises(RendezvousError, match="refused"):
+            intruder.start_heartbeat(0.1)
+        time.sleep(1.0)  # > heartbeat_timeout: w0 beats on, and nobody could stop it
+        assert not server.membership.is_lost("w0")
+        assert all(w != "w0" for w, _ in server.fenced)
+    finally:
+        intruder.close(leave=False)
+        w0.close()

@@ -82,6 +82,9 @@ class ThreadWorld:
     def broadcast_object(self, obj: Any, root: int) -> Any:
         return copy.deepcopy(self._exchange("bobj", obj)[root])
 
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return copy.deepcopy(self._exchange("agobj", obj))
+
     def run(self, fn: Callable[[int], Any]) -> list[Any]:
         results: list[Any] = [None] * self.size
         errors: list[BaseException] = []
@@ -109,9 +112,10 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], ThreadWorld]:
     def make(size: int) -> ThreadWorld:
         w = ThreadWorld(size)
         for fn in ("rank", "allreduce_async_", "allreduce", "allgather_async", "broadcast_",
-                   "broadcast_object"):
+                   "broadcast_object", "allgather_object"):
             monkeypatch.setattr(_comm, fn, getattr(w, fn))
         monkeypatch.setattr(_comm, "size", lambda: w.size)
+        monkeypatch.setattr(_comm, "generation", lambda: 1)
         return w
     return make
 

@@ -62,6 +62,7 @@ class Config:
         values: dict[str, object] = {
             "timeout": env.get_float(env.TIMEOUT, 30.0),
             "heartbeat_interval": env.get_float(env.HEARTBEAT_INTERVAL, 0.25),
+            "heartbeat_timeout": env.get_float(env.HEARTBEAT_TIMEOUT, 3.0),
             "allreduce_algo": env.get_str(env.ALLREDUCE_ALGO, "auto"),
             "shm_max_bytes": env.get_int(env.SHM_MAX_BYTES, 64 << 20),
             "check_collectives": env.get_bool(env.CHECK_COLLECTIVES, True),

@@ -11,6 +11,7 @@ import atexit
 import hashlib
 import logging
 import os
+import resource
 import socket
 import threading
 import time
@@ -37,7 +38,9 @@ class Runtime:
         self.worker = env.get_str(env.WORKER_ID) or f"{self.host}-{os.getpid()}"
         self.client: CoordClient | None = None
         self.group: Group
-        self.step = -1
+        self.job_step = -1
+        """Newest step any worker of the job reported (from the last rendezvous; -1 unknown)."""
+        raise_fd_limit()
         addr = env.get_str(env.COORD_ADDR)
         if addr:
             secret = env.get_str(env.SECRET) or ""
@@ -46,8 +49,10 @@ class Runtime:
                                   "workers with `phalanx run`, which sets both")
             self.object_key = hashlib.sha256(b"phalanx-objects" + secret.encode()).digest()
             self.client = CoordClient(addr, secret, self.worker)
-            self.client.join(host=self.host, rank_hint=env.get_int(env.RANK, -1), pid=os.getpid())
-            self.client.start_heartbeat(config.heartbeat_interval)
+            self.client.join(host=self.host, rank_hint=env.get_int(env.RANK, -1), pid=os.getpid(),
+                             starter=env.get_str(env.STARTER))
+            self.client.progress = self._progress
+            self.client.start_heartbeat(config.heartbeat_interval, config.heartbeat_timeout)
             try:
                 self.group = self._form(after=0)
             except JobFinished:
@@ -64,7 +69,9 @@ class Runtime:
 
     def _form(self, after: int) -> Group:
         assert self.client is not None  # only called for launched jobs
-        a = self.client.rendezvous(after=after, step=self.step, timeout=max(60.0, self.config.timeout))
+        a = self.client.rendezvous(after=after, step=self.client.step,
+                                   timeout=max(60.0, self.config.timeout))
+        self.job_step = int(a.get("job_step", -1))
         place = Placement(generation=a["generation"], rank=a["rank"], size=a["size"],
                           local_rank=a["local_rank"], local_size=a["local_size"],
                           hosts=a["hosts"], pids=a["pids"])
@@ -73,6 +80,10 @@ class Runtime:
                            abort_check=self.client.abort_reason)
         return Group(place, store, self.config, job_id=self.job_id,
                      abort_check=self.client.abort_reason, status=self._lost_ranks)
+
+    def _progress(self) -> tuple[int, float]:
+        progress = getattr(getattr(self, "group", None), "progress", None)
+        return progress() if progress is not None else (0, 0.0)
 
     def _lost_ranks(self) -> list[int]:
         if self.client is None:
@@ -99,12 +110,57 @@ class Runtime:
         self.group = self._form(after=old.place.generation)
         return self.group
 
+    def report_step(self, step: int) -> None:
+        """The State completed `step`: the coordinator hears it with the next heartbeat."""
+        if self.client is not None:
+            self.client.step = step
+
+    def rebase_step(self, step: int) -> None:
+        """The job resumed from a checkpoint at `step`: newer steps are gone for good."""
+        if self.client is not None:
+            self.client.step = step
+            self.job_step = step
+            self.client.request({"op": "rebase", "step": step})
+
+    def event(self, kind: str, info: dict[str, object], key: str | None = None) -> bool:
+        """Tell the launcher something for its end-of-job report (e.g. a chaos rule fired).
+        With a `key`, returns False if any worker already reported that key."""
+        if self.client is None:
+            return True
+        reply, _ = self.client.request({"op": "event", "worker": self.worker, "kind": kind,
+                                        "info": info, "key": key})
+        return bool(reply.get("first", True))
+
+    def report_failure(self, record: dict[str, object]) -> None:
+        """This worker is exiting on an exception: tell the coordinator (not as a clean
+        leave, and not as a silent loss) so peers stop waiting for it at once."""
+        if self.client is not None:
+            keep = {k: record[k] for k in ("type", "message", "where", "cascade") if k in record}
+            self.client.request({"op": "failed", "worker": self.worker, "error": keep})
+
+    def sever(self) -> None:
+        """Drop the coordinator links without a goodbye (chaos: a network cut)."""
+        if self.client is not None:
+            self.client.sever()
+
     def shutdown(self) -> None:
         try:
             self.group.close()
         finally:
             if self.client is not None:
                 self.client.close(leave=True)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft open-files limit to the hard one: Gloo holds a socket per peer and
+    aborts the process (inside torch) when it runs out of descriptors."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else max(soft, 1 << 16), hard))
+    except (ValueError, OSError):
+        pass
 
 
 _runtime: Runtime | None = None
@@ -119,6 +175,11 @@ def init(config: Config | None = None) -> Runtime:
             _runtime = Runtime(config or Config.from_env())
             atexit.register(shutdown)
         return _runtime
+
+
+def active() -> Runtime | None:
+    """The runtime if `init()` was called, else None (never initialises)."""
+    return _runtime
 
 
 def current() -> Runtime:

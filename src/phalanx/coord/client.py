@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import AuthenticationError, JobFinished, RendezvousError
@@ -23,26 +24,42 @@ def parse_address(addr: str) -> tuple[str, int]:
 
 
 def _open(addr: str, secret: str, connect_timeout: float) -> Channel:
+    """Connect and read the server's nonce, retrying until `connect_timeout` has passed.
+
+    A coordinator over its connection caps closes new connections at once; that is retried
+    like a refused connect. One that accepts but never greets us times out.
+    """
     host, port = parse_address(addr)
     deadline = time.monotonic() + connect_timeout
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=min(5.0, connect_timeout))
-            break
         except OSError as e:
             if time.monotonic() >= deadline:
                 raise RendezvousError(
                     f"cannot reach the phalanx coordinator at {addr}: {e}. Is the job's launcher "
                     "(`phalanx run`) still running, and is PHALANX_COORD_ADDR right?") from None
             time.sleep(0.1)
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        nonce = recv_exact(sock, NONCE_BYTES)
-    except (ConnectionError, OSError) as e:
-        sock.close()
-        raise RendezvousError(f"coordinator at {addr} closed the connection: {e}") from None
-    return Channel(sock, connection_key(secret, nonce), is_server=False)
+            continue
+        greet = max(1.0, deadline - time.monotonic())
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nonce = recv_exact(sock, NONCE_BYTES, time.monotonic() + greet)
+        except TimeoutError:
+            sock.close()
+            raise RendezvousError(
+                f"the coordinator at {addr} accepted the connection but sent no greeting within "
+                f"{greet:.1f}s: is the launcher stopped or overloaded, or is something other than "
+                "a phalanx coordinator listening there (check PHALANX_COORD_ADDR)?") from None
+        except (ConnectionError, OSError) as e:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise RendezvousError(
+                    f"the coordinator at {addr} closed the connection before greeting ({e}); it "
+                    "refuses connections beyond its caps, see the launcher's log") from None
+            time.sleep(0.1)
+            continue
+        return Channel(sock, connection_key(secret, nonce), is_server=False)
 
 
 class CoordClient:
@@ -60,18 +77,33 @@ class CoordClient:
         self._hb_stop = threading.Event()
         self._hb_chan: Channel | None = None
         self.status: dict[str, Any] = {}
+        self._token = ""
         self.generation = 0
         self.step = -1
+        self.progress: Callable[[], tuple[int, float]] | None = None
+        """(collectives started in this generation, seconds blocked in the current one),
+        sent with each heartbeat so the coordinator can find a hung worker."""
 
     def _hello(self, chan: Channel, *, heartbeat: bool) -> None:
+        hello: dict[str, Any] = {"op": "hello", "worker": self.worker, "heartbeat": heartbeat}
+        if heartbeat:
+            hello["token"] = self._token
         try:
-            chan.send({"op": "hello", "worker": self.worker, "heartbeat": heartbeat})
-            reply, _ = chan.recv()
+            chan.send(hello)
+            reply, _ = chan.recv(deadline=time.monotonic() + max(1.0, self._connect_timeout))
+        except TimeoutError:
+            chan.sock.close()
+            raise RendezvousError(
+                f"the coordinator at {self.addr} did not answer hello within "
+                f"{max(1.0, self._connect_timeout):.1f}s; is the launcher stopped or "
+                "overloaded?") from None
         except (ConnectionError, OSError, AuthenticationError) as e:
+            chan.sock.close()
             raise RendezvousError(
                 f"the coordinator at {self.addr} rejected this worker ({e}); the job secret "
                 "(PHALANX_SECRET) is missing or wrong") from None
         if not reply.get("ok"):
+            chan.sock.close()
             raise RendezvousError(f"coordinator refused hello: {reply.get('error')}")
 
     def request(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
@@ -116,9 +148,15 @@ class CoordClient:
         return int(self._checked({"op": "num_keys"})[0]["value"])
 
     # -------------------------------------------------------------- membership
-    def join(self, *, host: str, rank_hint: int, pid: int) -> None:
-        self._checked({"op": "join", "worker": self.worker, "host": host,
-                       "rank_hint": rank_hint, "pid": pid})
+    def join(self, *, host: str, rank_hint: int, pid: int, starter: str | None = None) -> None:
+        """Become a member. `starter` names the agent (or `phalanx join`) that started this
+        process and will fence it if the coordinator declares it lost."""
+        header: dict[str, Any] = {"op": "join", "worker": self.worker, "host": host,
+                                  "rank_hint": rank_hint, "pid": pid}
+        if starter:
+            header["starter"] = starter
+        reply, _ = self._checked(header)
+        self._token = str(reply.get("token", ""))
 
     def rendezvous(self, *, after: int, step: int = -1, timeout: float = 60.0) -> dict[str, Any]:
         """Block until a generation newer than `after` that includes us forms; return our place."""
@@ -138,30 +176,44 @@ class CoordClient:
             pass
 
     # -------------------------------------------------------------- heartbeats
-    def start_heartbeat(self, interval: float) -> None:
-        """Beat on a dedicated connection so a blocking store call never delays a beat."""
+    def start_heartbeat(self, interval: float, timeout: float = 3.0) -> None:
+        """Beat on a dedicated connection so a blocking store call never delays a beat.
+
+        Each beat's reply is held by the coordinator for up to `interval` and sent at once
+        when there is news (a loss, a new generation), so a loss reaches every worker within
+        milliseconds. No reply within `timeout` means this worker is cut off."""
         if self._hb_thread is not None:
             return
-        self._hb_chan = _open(self.addr, self._secret, self._connect_timeout)
-        self._hello(self._hb_chan, heartbeat=True)
-        self._hb_thread = threading.Thread(target=self._beat, args=(interval,), daemon=True,
-                                           name="phalanx-heartbeat")
+        chan = _open(self.addr, self._secret, self._connect_timeout)
+        self._hello(chan, heartbeat=True)
+        chan.sock.settimeout(timeout + interval)
+        self._hb_chan = chan
+        self._hb_thread = threading.Thread(target=self._beat, args=(chan, interval),
+                                           daemon=True, name="phalanx-heartbeat")
         self._hb_thread.start()
 
-    def _beat(self, interval: float) -> None:
-        chan = self._hb_chan
-        assert chan is not None  # set by start_heartbeat before the thread starts
+    def _beat(self, chan: Channel, interval: float) -> None:
         while not self._hb_stop.is_set():
+            coll, blocked = self.progress() if self.progress is not None else (0, 0.0)
             try:
-                chan.send({"op": "heartbeat", "worker": self.worker,
-                           "generation": self.generation, "step": self.step})
+                chan.send({"op": "heartbeat", "worker": self.worker, "hold": interval,
+                           "generation": self.generation, "step": self.step,
+                           "coll": coll, "blocked": round(blocked, 3)})
                 reply, _ = chan.recv()
-            except (ConnectionError, OSError, AuthenticationError):
+            except (ConnectionError, OSError, AuthenticationError) as e:
                 if not self._hb_stop.is_set():
-                    self.status = {"ok": False, "error": "lost the coordinator"}
+                    self.status = {"ok": False, "error": f"lost the coordinator ({e or 'timeout'})"}
                 return
             self.status = reply
-            self._hb_stop.wait(interval)
+            if not reply.get("ok"):
+                return
+
+    def watch(self, starter: str, stopped: list[str], timeout: float = 1.0) -> dict[str, Any]:
+        """For a starter (agent, `phalanx join`): report stopped workers and wait up to
+        `timeout` for orders to fence some of them."""
+        reply, _ = self._checked({"op": "watch", "starter": starter, "stopped": stopped,
+                                  "timeout": timeout})
+        return reply
 
     def abort_reason(self) -> str | None:
         """Why collectives of our generation cannot complete, or None while it is healthy."""
@@ -176,6 +228,7 @@ class CoordClient:
 
     def sever(self) -> None:
         """Drop every connection to the coordinator without a goodbye (chaos: a network cut)."""
+        self.status = {"ok": False, "error": "cut off from the coordinator"}
         self._hb_stop.set()
         for chan in (self._hb_chan, self._chan):
             if chan is not None:

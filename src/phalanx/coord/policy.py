@@ -23,10 +23,18 @@ class MemberStatus:
     """Coordinator clock time of the last heartbeat."""
     alive: bool = True
     """False once declared lost or departed."""
+    left: bool = False
+    """True if it departed cleanly (finished); such a member is never called lost."""
     waiting: bool = False
     """True while blocked in rendezvous for a newer generation."""
     step: int = -1
     """Last training step the worker reported completed (used to pick who heals whom)."""
+    generation: int = 0
+    """Generation the worker last reported being in."""
+    collectives: int = 0
+    """Collectives it has started in that generation (from its heartbeat)."""
+    blocked: float = 0.0
+    """Seconds it has been waiting inside its current collective (0 when not in one)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -114,3 +122,24 @@ def should_form(members: list[MemberStatus], *, first: bool, target_np: int, min
             f"settle time {settle:.1f}s passed with {len(waiting)} of {len(alive)} waiting")
         return Decision(act=True, members=[m.worker for m in chosen], reason=why)
     return Decision(act=False, reason=f"{len(waiting)} of {len(alive)} live workers waiting")
+
+
+def find_stragglers(world: list[MemberStatus], generation: int, timeout: float) -> Decision:
+    """Live members of `generation` that never reached the collective their peers have waited
+    on for more than `timeout` seconds: hung in user code (a heartbeat thread keeps beating
+    while the main thread is stuck), so they are lost. If every member is blocked, nobody is
+    singled out (a network problem is the collective timeout's to handle).
+    """
+    current = [m for m in world if m.alive and m.generation == generation]
+    waiting = [m for m in current if m.blocked > timeout]
+    if not waiting:
+        return Decision(act=False, reason="no collective has waited past the timeout")
+    target = max(m.collectives for m in waiting)
+    late = [m for m in current if m.collectives < target and m.blocked <= timeout]
+    if not late:
+        return Decision(act=False, reason="every member reached the waited-on collective")
+    longest = max(m.blocked for m in waiting)
+    why = (f"{', '.join(m.worker for m in late)} did not reach collective #{target} of "
+           f"generation {generation}, which its peers have waited on for {longest:.1f}s "
+           f"(> {timeout:.1f}s): hung")
+    return Decision(act=True, members=[m.worker for m in late], reason=why)

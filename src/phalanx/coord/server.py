@@ -1,40 +1,116 @@
-"""The coordinator: an authenticated TCP service for rendezvous, membership and heartbeats.
+"""The coordinator's network side: an authenticated TCP service in front of `Membership`.
 
-Hosted by the launcher (so a worker's death never takes it down). It holds the process-group
-bootstrap keys (namespaced by generation), the member list, and the generation number that
-changes whenever membership changes. Connections whose frames fail the HMAC check are logged
-and dropped.
+Hosted by the launcher (so a worker's death never takes it down). It accepts connections,
+authenticates every frame (HMAC over the per-job secret, see `protocol.py`), and hands each
+request to `Membership`, which holds the members, generations and the bootstrap store.
+
+The port is reachable by anyone on the network, so nothing an unauthenticated peer sends may
+cost the launcher much: a new connection may send one small frame and must prove it holds the
+secret within `auth_timeout`; connections are capped in total and per address (the caps are
+tighter for connections not yet authenticated); every frame has a deadline once it starts.
+Whatever is refused or dropped is logged, at most one line per second per reason.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AuthenticationError
-from . import policy
-from .protocol import NONCE_BYTES, Channel, connection_key
+from ..errors import AuthenticationError, ConfigError
+from .membership import FenceFn, Membership, World
+from .protocol import MAX_FIRST_FRAME, NONCE_BYTES, Channel, FrameError, connection_key
 
 log = logging.getLogger("phalanx.coord")
 
-FenceFn = Callable[[str, int, bool], None]
+__all__ = ["ConnectionLimits", "CoordServer", "World"]
+
+ACCEPT_BACKOFF = 0.1
+"""Seconds the accept loop waits after accept() fails (e.g. EMFILE: out of file descriptors)."""
+LOG_INTERVAL = 1.0
+"""At most one log line per this many seconds per reason a connection was refused or dropped."""
 
 
 @dataclass(kw_only=True, slots=True)
-class World:
-    """One generation: who is in it, in rank order."""
+class ConnectionLimits:
+    """Caps that keep a flood of connections from exhausting the launcher's threads and memory."""
 
-    generation: int
-    workers: list[str]
-    hosts: list[str]
-    steps: list[int]
-    formed_at: float = field(default_factory=time.monotonic)
+    max_connections: int = 2048
+    """Open connections in all; each holds a thread and a file descriptor."""
+
+    max_per_address: int = 512
+    """Open connections from one IP address (each worker holds two: requests and heartbeats)."""
+
+    max_pending: int = 256
+    """Connections that have not yet sent an authenticated frame, in all."""
+
+    max_pending_per_address: int = 64
+    """Connections that have not yet sent an authenticated frame, from one IP address."""
+
+    auth_timeout: float = 5.0
+    """Seconds a new connection has to send its first authenticated frame before it is dropped."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_per_address", "max_pending",
+                     "max_pending_per_address"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ConnectionLimits.{name}={value!r} must be an integer >= 1")
+        t = self.auth_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ConfigError(f"ConnectionLimits.auth_timeout={t!r} must be a positive number of "
+                              "seconds (a few seconds suits workers on a busy network)")
+
+
+class _DropLog:
+    """Counts refused and dropped connections by reason and logs each reason at most once per
+    `interval`, so a flood costs a log line per second instead of a line per connection."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, tuple[int, str]] = {}  # reason -> (count, latest detail)
+        self._totals: Counter[str] = Counter()
+
+    def note(self, reason: str, detail: str) -> None:
+        with self._lock:
+            self._totals[reason] += 1
+            n, _ = self._unlogged.get(reason, (0, ""))
+            self._unlogged[reason] = (n + 1, detail)
+        self.flush()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._totals)
+
+    def flush(self, *, force: bool = False) -> None:
+        """Log every reason with unlogged drops whose last line is older than `interval`."""
+        now = time.monotonic()
+        lines: list[tuple[str, int, float, str]] = []
+        with self._lock:
+            for reason, (n, detail) in list(self._unlogged.items()):
+                last = self._last.get(reason, now - self._interval)
+                if force or now - last >= self._interval:
+                    self._last[reason] = now
+                    del self._unlogged[reason]
+                    lines.append((reason, n, now - last, detail))
+        for reason, n, span, detail in lines:
+            if n == 1:
+                log.warning("%s: %s", reason, detail)
+            else:
+                log.warning("%s: %d times in the last %.1fs; latest: %s", reason, n, span, detail)
+
+
+_SPEAKS_FOR = frozenset({"join", "leave", "failed", "event", "rendezvous"})
+"""Ops whose 'worker' field must match the connection's hello."""
 
 
 class CoordServer:
@@ -45,29 +121,23 @@ class CoordServer:
                  heartbeat_timeout: float = 3.0, settle: float = 1.0,
                  fence: FenceFn | None = None,
                  probe_stopped: Callable[[str, int], bool] | None = None,
-                 stopped_timeout: float = 0.5) -> None:
+                 stopped_timeout: float = 0.5, limits: ConnectionLimits | None = None) -> None:
         self._secret = secret
-        self.target_np = target_np
-        self.min_np = min_np if min_np is not None else target_np
-        self.max_np = max_np if max_np is not None else target_np
-        self.heartbeat_timeout = heartbeat_timeout
-        self.settle = settle
-        self.fence = fence
-        self.probe_stopped = probe_stopped
-        self.stopped_timeout = stopped_timeout
-        self._cv = threading.Condition()
-        self._kv: dict[str, bytes] = {}
-        self._members: dict[str, policy.MemberStatus] = {}
-        self._pids: dict[str, int] = {}
-        self._world: World | None = None
-        self._wait_since: float | None = None
-        self._broken: set[int] = set()
-        self.events: list[dict[str, Any]] = []
-        self.rejected = 0
+        self.limits = limits or ConnectionLimits()
         self._stop = threading.Event()
+        self.membership = Membership(
+            target_np=target_np, min_np=min_np if min_np is not None else target_np,
+            max_np=max_np if max_np is not None else target_np,
+            heartbeat_timeout=heartbeat_timeout, settle=settle, fence=fence,
+            stopped_timeout=stopped_timeout, probe_stopped=probe_stopped, stop=self._stop)
+        self.rejected = 0
+        self._lock = threading.Lock()
         self._sock = socket.create_server((host, port), reuse_port=False, backlog=256)
         self.host, self.port = self._sock.getsockname()[:2]
         self._conns: set[socket.socket] = set()
+        self._open: Counter[str] = Counter()  # IP address -> open connections
+        self._pending: Counter[str] = Counter()  # IP address -> connections not yet authenticated
+        self._drops = _DropLog()
         self._threads: list[threading.Thread] = []
 
     # ----------------------------------------------------------------- lifecycle
@@ -92,9 +162,10 @@ class CoordServer:
             self._sock.close()
         except OSError:
             pass
-        with self._cv:
+        with self.membership.cv:
+            self.membership.cv.notify_all()
+        with self._lock:
             conns = list(self._conns)
-            self._cv.notify_all()
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -103,6 +174,7 @@ class CoordServer:
             c.close()
         for t in self._threads:
             t.join(timeout=2)
+        self._drops.flush(force=True)
 
     def __enter__(self) -> CoordServer:
         return self.start()
@@ -113,298 +185,181 @@ class CoordServer:
     # ----------------------------------------------------------------- public state
     @property
     def generation(self) -> int:
-        with self._cv:
-            return self._world.generation if self._world else 0
+        with self.membership.cv:
+            w = self.membership.world
+            return w.generation if w else 0
 
     def world(self) -> World | None:
-        with self._cv:
-            return self._world
+        with self.membership.cv:
+            return self.membership.world
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.membership.events
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """How many connections were refused or dropped, by reason (as logged)."""
+        return self._drops.counts()
 
     def declare_lost(self, worker: str, reason: str, *, urgent: bool = True) -> None:
-        """Mark a worker lost, break its generation, and fence it (its launcher kills it).
-
-        `urgent` fences at once (a silent but live process); otherwise the launcher kills it
-        only if it is still running a moment later (its socket closed because it is exiting).
-        """
-        with self._cv:
-            m = self._members.get(worker)
-            if m is None or not m.alive:
-                return
-            m.alive = False
-            m.waiting = False
-            pid = self._pids.get(worker, -1)
-            if self._world and worker in self._world.workers:
-                self._broken.add(self._world.generation)
-            self._event("lost", worker=worker, reason=reason)
-            self._cv.notify_all()
-        log.warning("worker %s lost: %s", worker, reason)
-        if self.fence is not None:
-            try:
-                self.fence(worker, pid, urgent)
-            except Exception:  # fencing is best effort; the peer may be gone already
-                log.exception("fencing worker %s failed", worker)
-
-    def _event(self, kind: str, **info: Any) -> None:
-        self.events.append({"t": time.time(), "event": kind, **info})
+        """Mark a worker lost, break its generation, and fence it (see `Membership`)."""
+        self.membership.declare_lost(worker, reason, urgent=urgent)
 
     # ----------------------------------------------------------------- threads
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if self._stop.is_set():
+                    return
+                # Out of file descriptors (EMFILE), kernel buffers, ...: the connections already
+                # open (the job's workers) still need us, so back off and keep accepting.
+                self._drops.note("accept() failed; retrying", f"{e}")
+                self._stop.wait(ACCEPT_BACKOFF)
+                continue
+            self._start(conn, addr)
+
+    def _start(self, conn: socket.socket, addr: Any) -> None:
+        ip, who = str(addr[0]), f"{addr[0]}:{addr[1]}"
+        why = self._admit(ip)
+        if why is not None:
+            conn.close()
+            self._drops.note("refused a connection over the connection caps", f"{who}: {why}")
+            return
+        with self._lock:
+            self._conns.add(conn)
+        try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._cv:
-                self._conns.add(conn)
-            t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
-                                 name="phalanx-coord-conn")
-            t.start()
+            threading.Thread(target=self._serve, args=(conn, ip, who, time.monotonic()),
+                             daemon=True, name="phalanx-coord-conn").start()
+        except (OSError, RuntimeError) as e:  # RuntimeError: can't start new thread
+            self._release(conn, ip, pending=True)
+            self._drops.note("dropped a connection: cannot serve it", f"{who}: {e}")
+
+    def _admit(self, ip: str) -> str | None:
+        """Count a new connection in, or say which cap it would break."""
+        lim = self.limits
+        with self._lock:
+            n_open, n_pending = len(self._conns), sum(self._pending.values())
+            if n_open >= lim.max_connections:
+                return f"{n_open} connections open (max_connections={lim.max_connections})"
+            if self._open[ip] >= lim.max_per_address:
+                return (f"{self._open[ip]} connections open from {ip} "
+                        f"(max_per_address={lim.max_per_address})")
+            if n_pending >= lim.max_pending:
+                return (f"{n_pending} connections not yet authenticated "
+                        f"(max_pending={lim.max_pending})")
+            if self._pending[ip] >= lim.max_pending_per_address:
+                return (f"{self._pending[ip]} connections not yet authenticated from {ip} "
+                        f"(max_pending_per_address={lim.max_pending_per_address})")
+            self._open[ip] += 1
+            self._pending[ip] += 1
+        return None
+
+    def _leave_pending(self, ip: str) -> None:
+        with self._lock:
+            self._pending[ip] -= 1
+            if self._pending[ip] <= 0:
+                del self._pending[ip]
+
+    def _release(self, conn: socket.socket, ip: str, *, pending: bool) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+            self._open[ip] -= 1
+            if self._open[ip] <= 0:
+                del self._open[ip]
+        if pending:
+            self._leave_pending(ip)
+        conn.close()
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(0.05):
-            now = time.monotonic()
-            with self._cv:
-                # Probe only workers already silent for a while: a /proc read each, cheap.
-                quiet = [(m.worker, self._pids.get(m.worker, -1)) for m in self._members.values()
-                         if m.alive and m.last_heartbeat
-                         and now - m.last_heartbeat > self.stopped_timeout]
-            stopped = ({w for w, pid in quiet if pid > 0 and self.probe_stopped(w, pid)}
-                       if self.probe_stopped is not None else set())
-            with self._cv:
-                decision = policy.find_lost(list(self._members.values()), time.monotonic(),
-                                            self.heartbeat_timeout, stopped=stopped,
-                                            stopped_timeout=self.stopped_timeout)
-                self._maybe_form()
-            if decision.act:
-                for w in decision.members:
-                    self.declare_lost(w, decision.reason)
+            self.membership.tick()
+            self._drops.flush()
 
-    def _serve(self, conn: socket.socket, addr: Any) -> None:
-        nonce = os.urandom(NONCE_BYTES)
-        worker: str | None = None
-        beating = False
+    def _serve(self, conn: socket.socket, ip: str, who: str, accepted: float) -> None:
+        auth_deadline = accepted + self.limits.auth_timeout
+        authed, worker, beating = False, None, False
         try:
+            nonce = os.urandom(NONCE_BYTES)
+            conn.settimeout(self.limits.auth_timeout)
             conn.sendall(nonce)
             chan = Channel(conn, connection_key(self._secret, nonce), is_server=True)
             while not self._stop.is_set():
-                header, payload = chan.recv()
+                if authed:  # may idle for as long as its worker trains without a request
+                    header, payload = chan.recv()
+                else:
+                    header, payload = chan.recv(limit=MAX_FIRST_FRAME, deadline=auth_deadline)
+                    authed = True
+                    self._leave_pending(ip)
                 op = header.get("op")
                 if op == "hello":
-                    worker = str(header.get("worker", ""))
-                    beating = bool(header.get("heartbeat", False))
-                    chan.send({"ok": True})
-                    continue
-                reply, data = self._dispatch(str(op), header, payload)
-                chan.send(reply, data)
+                    worker, beating, reply = self._hello(header)
+                    chan.send(reply)
+                else:
+                    chan.send(*self._request(op, header, payload, worker, beating))
         except AuthenticationError as e:
-            with self._cv:
+            with self._lock:
                 self.rejected += 1
-            log.warning("rejected connection from %s:%s: %s", addr[0], addr[1], e)
-        except (ConnectionError, OSError, ValueError):
-            pass
+            self._drops.note("dropped a connection that failed authentication", f"{who}: {e}")
+        except FrameError as e:
+            self._drops.note("dropped a connection that sent a bad frame", f"{who}: {e}")
+        except TimeoutError as e:
+            if authed:
+                self._drops.note("dropped a connection whose frame did not complete in time",
+                                 f"{who}: {e}")
+            else:
+                self._drops.note("dropped a connection that did not authenticate in time",
+                                 f"{who}: no authenticated frame within "
+                                 f"{self.limits.auth_timeout:g}s ({e})")
+        except (ConnectionError, OSError):
+            pass  # the peer hung up, or stop() shut the socket
+        except Exception:  # a bug of ours: log it, and still free the connection's slot
+            log.exception("coordinator connection from %s failed", who)
         finally:
-            with self._cv:
-                self._conns.discard(conn)
-            conn.close()
+            self._release(conn, ip, pending=not authed)
             # A heartbeat connection closing without a goodbye means the process died.
             if beating and worker and not self._stop.is_set():
-                with self._cv:
-                    m = self._members.get(worker)
-                    gone = m is not None and m.alive
-                if gone:
-                    self.declare_lost(worker, "heartbeat connection closed (process exited)",
-                                      urgent=False)
+                self.membership.heartbeat_closed(worker)
 
-    # ----------------------------------------------------------------- requests
-    def _dispatch(self, op: str, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        handler = getattr(self, f"_op_{op}", None)
-        if handler is None:
-            return {"ok": False, "error": f"unknown op {op!r}"}, b""
-        return handler(h, payload)
+    def _request(self, op: Any, h: dict[str, Any], payload: bytes, speaks_for: str | None,
+                 beating: bool) -> tuple[dict[str, Any], bytes]:
+        """Answer one request; malformed ones (and our own failures) get an error reply.
 
-    def _op_set(self, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        with self._cv:
-            self._kv[h["key"]] = payload
-            self._cv.notify_all()
-        return {"ok": True}, b""
+        A request that names a worker (or a starter) must come from a connection whose hello
+        named the same one: a holder of the secret cannot leave, fail or rendezvous for
+        another worker."""
+        if not isinstance(op, str):
+            return {"ok": False, "error": "field 'op' must be a string naming an operation, got "
+                    f"{type(op).__name__}"}, b""
+        field = "starter" if op == "watch" else "worker" if op in _SPEAKS_FOR else None
+        if field is not None and h.get(field) != speaks_for:
+            return {"ok": False, "error": f"{op!r} for {str(h.get(field))[:64]!r} refused: this "
+                    "connection's hello named another worker"}, b""
+        if op == "heartbeat" and (not beating or h.get("worker") != speaks_for):
+            return {"ok": False, "error": "heartbeats are taken only on the worker's heartbeat "
+                    "connection (hello with heartbeat=true and the token from its join)"}, b""
+        try:
+            return self.membership.handle(op, h, payload)
+        except Exception as e:
+            log.exception("coordinator request %r failed", op[:64])
+            return {"ok": False, "error": f"internal error in {op[:64]!r}: {e!r}"[:512]}, b""
 
-    def _op_get(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        key, deadline = h["key"], time.monotonic() + float(h.get("timeout", 30.0))
-        with self._cv:
-            while key not in self._kv:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    return {"ok": False, "error": f"timed out waiting for key {key!r}"}, b""
-                self._cv.wait(left)
-            return {"ok": True}, self._kv[key]
-
-    def _op_add(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        with self._cv:
-            value = int(self._kv.get(h["key"], b"0")) + int(h["amount"])
-            self._kv[h["key"]] = str(value).encode()
-            self._cv.notify_all()
-        return {"ok": True, "value": value}, b""
-
-    def _op_check(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        with self._cv:
-            return {"ok": True, "value": all(k in self._kv for k in h["keys"])}, b""
-
-    def _op_wait(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        keys, deadline = h["keys"], time.monotonic() + float(h.get("timeout", 30.0))
-        with self._cv:
-            while not all(k in self._kv for k in keys):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    missing = [k for k in keys if k not in self._kv]
-                    return {"ok": False, "error": f"timed out waiting for keys {missing}"}, b""
-                self._cv.wait(left)
-        return {"ok": True}, b""
-
-    def _op_compare_set(self, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        expected = bytes.fromhex(h["expected"])
-        with self._cv:
-            cur = self._kv.get(h["key"])
-            if (cur is None and not expected) or cur == expected:
-                self._kv[h["key"]] = payload
-                self._cv.notify_all()
-                return {"ok": True}, payload
-            return {"ok": True}, cur if cur is not None else expected
-
-    def _op_delete(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        with self._cv:
-            return {"ok": True, "value": self._kv.pop(h["key"], None) is not None}, b""
-
-    def _op_num_keys(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        with self._cv:
-            return {"ok": True, "value": len(self._kv)}, b""
-
-    def _op_join(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        worker = str(h["worker"])
-        with self._cv:
-            m = self._members.get(worker)
-            if m is not None and not m.alive:
-                return {"ok": False, "error": f"worker {worker} was declared lost; "
-                        "a lost worker cannot rejoin under the same id"}, b""
-            if m is None:
-                m = policy.MemberStatus(worker=worker, host=str(h.get("host", "")),
-                                        rank_hint=int(h.get("rank_hint", -1)))
-                self._members[worker] = m
-                self._event("joined", worker=worker, host=m.host)
-            m.last_heartbeat = time.monotonic()
-            self._pids[worker] = int(h.get("pid", -1))
-            self._cv.notify_all()
-        return {"ok": True}, b""
-
-    def _op_heartbeat(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        worker = str(h["worker"])
-        with self._cv:
-            m = self._members.get(worker)
-            if m is None or not m.alive:
-                return {"ok": False, "fenced": True,
-                        "error": f"worker {worker} is not a live member"}, b""
-            m.last_heartbeat = time.monotonic()
-            if "step" in h:
-                m.step = int(h["step"])
-            return self._status_reply(int(h.get("generation", 0))), b""
-
-    def _status_reply(self, generation: int) -> dict[str, Any]:
-        world = self._world
-        current = world.generation if world else 0
-        lost: list[int] = []
-        if world and world.generation == generation:
-            lost = [r for r, w in enumerate(world.workers) if not self._members[w].alive]
-        waiting_outside = sum(1 for m in self._members.values()
-                              if m.alive and m.waiting and (not world or m.worker not in world.workers))
-        return {"ok": True, "generation": current, "lost_ranks": lost,
-                "broken": generation in self._broken, "newcomers": waiting_outside}
-
-    def _op_status(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        with self._cv:
-            return self._status_reply(int(h.get("generation", 0))), b""
-
-    def _op_leave(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        worker = str(h["worker"])
-        with self._cv:
-            m = self._members.get(worker)
-            if m is not None and m.alive:
-                m.alive = False
-                m.waiting = False
-                self._event("left", worker=worker)
-                self._cv.notify_all()
-        return {"ok": True}, b""
-
-    def _op_rendezvous(self, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        worker, after = str(h["worker"]), int(h.get("after", 0))
-        deadline = time.monotonic() + float(h.get("timeout", 60.0))
-        with self._cv:
-            m = self._members.get(worker)
-            if m is None or not m.alive:
-                return {"ok": False, "error": f"worker {worker} is not a live member; join first"}, b""
-            m.waiting = True
-            m.step = int(h.get("step", m.step))
-            if self._wait_since is None:
-                self._wait_since = time.monotonic()
-            self._cv.notify_all()
-            while True:
-                self._maybe_form()
-                w = self._world
-                if w is not None and w.generation > after and worker in w.workers:
-                    return self._assignment(w, worker), b""
-                if not m.alive:
-                    return {"ok": False, "error": f"worker {worker} was declared lost"}, b""
-                if w is not None and worker not in w.workers and self._finished(w):
-                    m.waiting = False
-                    return {"ok": False, "finished": True,
-                            "error": "the job finished before this worker could join"}, b""
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    m.waiting = False
-                    n = sum(1 for x in self._members.values() if x.alive and x.waiting)
-                    return {"ok": False, "error": f"rendezvous timed out: {n} worker(s) waiting, "
-                            f"need {self.target_np if w is None else self.min_np}"}, b""
-                self._cv.wait(min(left, 0.05))
-
-    def _finished(self, w: World) -> bool:
-        """Every member of the current generation left cleanly: the job is over."""
-        left = {e["worker"] for e in self.events if e["event"] == "left"}
-        return all(x in left for x in w.workers)
-
-    def _maybe_form(self) -> None:
-        """Form the next generation if the policy says so (caller holds the lock)."""
-        members = list(self._members.values())
-        if not any(m.waiting for m in members):
-            return
-        waited = time.monotonic() - (self._wait_since or time.monotonic())
-        decision = policy.should_form(members, first=self._world is None, target_np=self.target_np,
-                                      min_np=self.min_np, max_np=self.max_np, waited=waited,
-                                      settle=self.settle,
-                                      current=self._world.workers if self._world else None)
-        if not decision.act:
-            return
-        prev = self._world.workers if self._world else []
-        chosen = [self._members[w] for w in decision.members]
-        order = policy.order_world(chosen, prev)
-        gen = (self._world.generation if self._world else 0) + 1
-        self._world = World(generation=gen, workers=order,
-                            hosts=[self._members[w].host for w in order],
-                            steps=[self._members[w].step for w in order])
-        for w in order:
-            self._members[w].waiting = False
-        self._wait_since = None
-        # Bootstrap keys of older generations are dead weight now.
-        for k in [k for k in self._kv if k.startswith("g") and k.split("/", 1)[0][1:].isdigit()
-                  and int(k.split("/", 1)[0][1:]) < gen - 1]:
-            del self._kv[k]
-        self._event("generation", generation=gen, workers=order, reason=decision.reason)
-        log.info("generation %d formed with %d workers: %s", gen, len(order), decision.reason)
-        self._cv.notify_all()
-
-    def _assignment(self, w: World, worker: str) -> dict[str, Any]:
-        rank = w.workers.index(worker)
-        host = w.hosts[rank]
-        local = [i for i, h in enumerate(w.hosts) if h == host]
-        return {"ok": True, "generation": w.generation, "rank": rank, "size": len(w.workers),
-                "local_rank": local.index(rank), "local_size": len(local),
-                "hosts": w.hosts, "workers": w.workers, "steps": w.steps,
-                "pids": [self._pids.get(x, -1) for x in w.workers]}
+    def _hello(self, h: dict[str, Any]) -> tuple[str | None, bool, dict[str, Any]]:
+        """A connection says whom it speaks for; a heartbeat connection must prove it with the
+        token its worker got at join, so nobody else can beat (or stop beating) for it."""
+        worker, beating = h.get("worker"), h.get("heartbeat", False)
+        if not isinstance(worker, str) or not worker or len(worker) > 256:
+            return None, False, {"ok": False, "error": "hello needs a worker id (a short string)"}
+        if not isinstance(beating, bool):
+            return None, False, {"ok": False, "error": "hello field 'heartbeat' must be true or "
+                                 f"false, got {type(beating).__name__}"}
+        if beating:
+            token = h.get("token")
+            if not (isinstance(token, str) and token.isascii() and len(token) <= 256
+                    and self.membership.check_token(worker, token)):
+                return None, False, {"ok": False, "error": f"heartbeat for {worker!r} refused: "
+                                     "not the connection of the worker that joined"}
+        return worker, beating, {"ok": True}

@@ -1,4 +1,4 @@
-"""Elastic training: State, the @run recovery loop, durable checkpoints.
+"""Elastic training: State and its handlers, the @run recovery loop, checkpoints, chaos.
 
     state = px.elastic.State(model=model, optimizer=opt, loaders=[loader], epoch=0)
 
@@ -7,10 +7,35 @@
         for state.epoch in range(state.epoch, epochs):
             for x, y in loader:
                 ...
+
+Names load on first use, so the launcher can use `phalanx.elastic.chaos` without torch.
 """
 
-from .checkpoint import Checkpointer
-from .loop import recover, run
-from .state import MembershipChanged, State, step_completed
+from __future__ import annotations
 
-__all__ = ["State", "run", "recover", "MembershipChanged", "Checkpointer", "step_completed"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Checkpointer": "checkpoint", "recover": "loop", "run": "loop", "reform": "loop",
+    "MembershipChanged": "state", "ProgressLost": "state", "State": "state",
+    "Handler": "handlers", "RNGState": "handlers", "Stateful": "handlers",
+    "register_handler": "handlers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'phalanx.elastic' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpointer
+    from .handlers import Handler, RNGState, Stateful, register_handler
+    from .loop import recover, reform, run
+    from .state import MembershipChanged, ProgressLost, State

@@ -1,5 +1,9 @@
-"""`@phalanx.elastic.run`: run the training function; on a lost or joining worker, re-form,
-heal from the most advanced rank, and call it again. Surviving processes are never restarted.
+"""Recovery: `reform()` (the one routine every elastic loop uses) and `@phalanx.elastic.run`.
+
+`reform(cause, heal)` leaves the broken generation, joins the next one and runs `heal`, retrying
+if another worker is lost meanwhile. `@run` wraps a training function: on a lost or joining
+worker it re-forms, heals the State from the most advanced rank, and calls the function again.
+Surviving processes are never restarted. `fit_elastic` (data.ml) uses the same `reform`.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import env, runtime
-from ..launch import chaos
+from ..comm.group import Placement
 from ..errors import JobFinished, RendezvousError, WorkerLost
 from . import policy
 from .state import MembershipChanged, State, record_recovery
@@ -25,39 +29,53 @@ def elastic_enabled() -> bool:
     return env.get_bool(env.ELASTIC, False)
 
 
-def recover(state: State, cause: BaseException, max_attempts: int = 20) -> None:
-    """Re-form the group and heal; retried if another worker is lost during recovery."""
+def reform(cause: BaseException, heal: Callable[[Placement], str], *, max_attempts: int = 20,
+           on_reformed: Callable[[Placement], None] | None = None) -> dict[str, Any]:
+    """Re-form the group and run `heal(origin)`, where `origin` is this worker's place in the
+    generation that failed; retried if another worker is lost while re-forming or healing.
+
+    Returns what happened (sizes, generation, survivors, the heal's reason, seconds taken)."""
     rt = runtime.current()
     t0 = time.monotonic()
+    origin, origin_workers = rt.group.place, list(rt.workers)
     for attempt in range(1, max_attempts + 1):
-        old = rt.group.place
-        old_workers = list(rt.workers)
         try:
-            rt.step = state.step
             rt.reform()
-            new = rt.group.place
-            state.reform_attempts += 1
-            rules = chaos.rules_from_env()
-            if rules:
-                chaos.maybe_inject_in_recovery(rules, rank=new.rank,
-                                               recovery=state.reform_attempts)
-            plan = state.sync()
+            if on_reformed is not None:
+                on_reformed(rt.group.place)
+            reason = heal(origin)
         except WorkerLost as e:
-            log.warning("rank %d: lost another worker during recovery (%s); retrying", old.rank, e)
+            log.warning("rank %d: lost another worker during recovery (%s); retrying",
+                        origin.rank, e)
             cause = e
             continue
-        kept = policy.survivors(old_workers, rt.workers)
-        elapsed = time.monotonic() - t0
-        record_recovery(state, cause=type(cause).__name__, seconds=elapsed, attempts=attempt,
-                        old_size=old.size, new_size=new.size, generation=new.generation,
-                        survivors=kept, heal=plan.reason, step=state.step)
-        if new.rank == 0:
-            log.warning("recovered in %.3fs: generation %d with %d workers (was %d); %s",
-                        elapsed, new.generation, new.size, old.size, plan.reason)
-        if new.size != old.size:
-            state.on_reset()
-        return
+        new = rt.group.place
+        return {"cause": type(cause).__name__, "seconds": time.monotonic() - t0,
+                "attempts": attempt, "old_size": origin.size, "new_size": new.size,
+                "generation": new.generation, "heal": reason,
+                "survivors": policy.survivors(origin_workers, rt.workers)}
     raise RendezvousError(f"could not recover after {max_attempts} attempts: {cause}")
+
+
+def recover(state: State, cause: BaseException, max_attempts: int = 20) -> None:
+    """Re-form the group and heal `state` from the most advanced rank."""
+    rt = runtime.current()
+
+    def chaos_in_recovery(place: Placement) -> None:
+        state.reform_attempts += 1
+        chaos = state.chaos(rt)
+        if chaos is not None:
+            chaos.in_recovery(rank=place.rank, recovery=state.reform_attempts)
+
+    info = reform(cause, lambda _origin: state.sync().reason, max_attempts=max_attempts,
+                  on_reformed=chaos_in_recovery)
+    record_recovery(state, step=state.step, **info)
+    if rt.group.place.rank == 0:
+        log.warning("recovered in %.3fs: generation %d with %d workers (was %d); %s",
+                    info["seconds"], info["generation"], info["new_size"], info["old_size"],
+                    info["heal"])
+    if info["new_size"] != info["old_size"]:
+        state.on_reset()
 
 
 def run(func: Callable[..., R]) -> Callable[..., R]:
@@ -67,7 +85,8 @@ def run(func: Callable[..., R]) -> Callable[..., R]:
     start from their peers' state), then runs. On `WorkerLost` or `MembershipChanged` it
     re-forms the group, heals, and calls the function again: a loop written as
     ``for state.epoch in range(state.epoch, E): for batch in loader: ...`` resumes where the
-    job is, with no rollback. Without an elastic launcher the function simply runs.
+    job is, with no rollback. Any other exception is a bug and propagates (the launcher fails
+    the job with it). Without an elastic launcher the function simply runs.
     """
     @functools.wraps(func)
     def wrapper(state: State, *args: Any, **kwargs: Any) -> R:
@@ -78,23 +97,31 @@ def run(func: Callable[..., R]) -> Callable[..., R]:
             resumed = state.checkpointer.load_latest(state)
             if resumed is not None:
                 log.warning("resumed from checkpoint at step %d", resumed)
-        synced = False
-        while True:
-            try:
-                if not synced:
-                    state.sync()  # replacements heal from their peers before the first step
-                    synced = True
-                return func(state, *args, **kwargs)
-            except (WorkerLost, MembershipChanged) as e:
-                if not elastic_enabled():
-                    raise
-                log.warning("rank %d: %s: %s; re-forming", runtime.current().group.place.rank,
-                            type(e).__name__, e)
-                try:
-                    recover(state, e)
-                    synced = True
-                except JobFinished:
-                    # The others finished the job while this worker was cut off: nothing is lost.
-                    log.warning("the job finished while this worker was re-forming; exiting")
-                    raise SystemExit(0) from None
+        state._in_loop += 1
+        try:
+            return _loop(func, state, args, kwargs)
+        finally:
+            state._in_loop -= 1
     return wrapper
+
+
+def _loop(func: Callable[..., R], state: State, args: Any, kwargs: Any) -> R:
+    synced = False
+    while True:
+        try:
+            if not synced:
+                state.sync()  # replacements heal from their peers before the first step
+                synced = True
+            return func(state, *args, **kwargs)
+        except (WorkerLost, MembershipChanged) as e:
+            if not elastic_enabled():
+                raise
+            log.warning("rank %d: %s: %s; re-forming", runtime.current().group.place.rank,
+                        type(e).__name__, e)
+            try:
+                recover(state, e)
+                synced = True
+            except JobFinished:
+                # The others finished the job while this worker was cut off: nothing is lost.
+                log.warning("the job finished while this worker was re-forming; exiting")
+                raise SystemExit(0) from None

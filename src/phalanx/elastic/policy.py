@@ -38,3 +38,13 @@ def survivors(old_workers: list[str], new_workers: list[str]) -> list[int]:
     """Old rank numbers of the workers that are still in the new generation."""
     present = set(new_workers)
     return [r for r, w in enumerate(old_workers) if w in present]
+
+
+def progress_lost(best_step: int, job_step: int) -> bool:
+    """Pure: has every holder of the job's newest steps been lost?
+
+    `best_step` is the most advanced step among the workers of the new generation and
+    `job_step` the newest step the coordinator heard any worker complete (-1: unknown).
+    Continuing from `best_step` would then silently redo (or skip) training.
+    """
+    return job_step >= 0 and best_step < job_step

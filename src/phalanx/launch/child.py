@@ -1,15 +1,64 @@
-"""Worker bootstrap: die with the launcher, then run the user's script as __main__.
+"""Worker bootstrap: die with the launcher, run the user's script as __main__, and report an
+exception it raises (type, message, file:line, traceback) so the launcher can name it.
 
 Run by path (not as a package module) so it imports nothing heavy before the script does.
+An exception is a bug in the script, not a fault: the record goes to the file named by
+PHALANX_ERROR_FILE and, if the script had joined the job, to the coordinator; the traceback
+is printed once; the worker exits with code 1 without leaving the job cleanly.
 """
 
 import ctypes
+import json
 import os
 import runpy
 import signal
 import sys
+import sysconfig
+import time
+import traceback
 
 PR_SET_PDEATHSIG = 1
+ERROR_FILE = "PHALANX_ERROR_FILE"
+# Errors phalanx raises when a *peer* failed: consequences, never the root cause of a failure.
+CASCADE = {"WorkerLost", "RendezvousError", "JobFinished", "CollectiveMismatch"}
+
+
+def error_record(exc: BaseException) -> dict:
+    """Type, message and the innermost frame of the user's script where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    paths = sysconfig.get_paths()
+    libs = tuple(os.path.realpath(paths[k]) for k in ("stdlib", "purelib", "platlib"))
+    libs += (os.path.dirname(os.path.dirname(os.path.realpath(__file__))),)
+    user = [f for f in frames if not f.filename.startswith("<")
+            and not os.path.realpath(f.filename).startswith(libs)] or frames
+    where = f"{user[-1].filename}:{user[-1].lineno}" if user else "?"
+    name = type(exc).__name__
+    return {"type": name, "message": str(exc)[:2000], "where": where, "time": time.time(),
+            "cascade": name in CASCADE,
+            "traceback": "".join(traceback.format_exception(exc))[-20000:]}
+
+
+def report(exc: BaseException) -> None:
+    record = error_record(exc)
+    path = os.environ.get(ERROR_FILE)
+    if path:
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(record, f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass
+    runtime = sys.modules.get("phalanx.runtime")
+    rt = runtime.active() if runtime is not None else None
+    if rt is not None:
+        try:
+            rt.report_failure(record)
+        except Exception:  # the coordinator may be gone; the file still tells the launcher
+            pass
+    # A consequence of a peer's failure gets one line; the root cause its whole traceback.
+    sys.stderr.write(f"{record['type']}: {record['message']}\n" if record["cascade"]
+                     else record["traceback"])
+    sys.stderr.flush()
 
 
 def main() -> None:
@@ -23,7 +72,15 @@ def main() -> None:
     script, args = sys.argv[1], sys.argv[2:]
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit:
+        raise
+    except BaseException as e:
+        report(e)
+        sys.stdout.flush()
+        # Not sys.exit: atexit would leave the job cleanly, as if this worker had finished.
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def chaos_help() -> dict[str, str]:
+    from ..elastic.chaos import HELP
+    return HELP
+
+
 def _run_parser() -> _Parser:
     p = _Parser(
         prog="phalanx run",
@@ -42,10 +47,19 @@ def _run_parser() -> _Parser:
     p.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SEC",
                    help="heartbeat silence before a worker is declared lost and fenced (default 3); a "
                         "worker whose process is stopped (SIGSTOP) is fenced after 0.5 s")
+    p.add_argument("--retry-errors", type=int, default=0, metavar="K",
+                   help="treat up to K exceptions raised by workers as faults (e.g. flaky I/O): "
+                        "respawned within --max-restarts. Default 0: an exception is a bug and "
+                        "fails the job, naming the rank, the exception and where it was raised")
     p.add_argument("--chaos", default=None, metavar="SPEC",
-                   help="inject faults, e.g. kill:rank=2,step=40, stop:rank=1,step=10, "
-                        "cut:rank=1,step=10 (cut off from the coordinator), kill:random,every=50 "
-                        "or kill:rank=1,recovery=1; several rules separated by ';'")
+                   help="inject real faults to test a job's resilience: KIND:WHO,WHEN rules "
+                        "separated by ';'. KIND: " + "; ".join(
+                            f"{k}: {v}" for k, v in chaos_help().items()) + ". WHO: rank=R or "
+                        "random (with seed=N). WHEN: step=S (at the boundary after step S), "
+                        "every=N (every N steps) or recovery=K (during the K-th recovery). "
+                        "E.g. kill:rank=2,step=40 or stop:random,every=50,seed=1. Rules for "
+                        "ranks the job never has are refused; rules that never fired are "
+                        "reported at the end")
     p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
                    help="address the coordinator listens on (default 127.0.0.1)")
     p.add_argument("--join-file", default=None, metavar="PATH",
@@ -68,19 +82,22 @@ def run_main(argv: list[str]) -> int:
         p.error(f"--max-np must be at least -np ({a.np}), got {a.max_np}")
     if a.max_restarts < 0:
         p.error(f"--max-restarts must be >= 0, got {a.max_restarts}")
+    if a.retry_errors < 0:
+        p.error(f"--retry-errors must be >= 0, got {a.retry_errors}")
     if a.timeout <= 0 or a.heartbeat_timeout <= 0:
         p.error("--timeout and --heartbeat-timeout must be positive")
     if not os.path.isfile(a.script):
         p.error(f"script {a.script!r} not found")
     if a.chaos:
-        from .chaos import parse_chaos
+        from ..elastic.chaos import parse_chaos, validate
         try:
-            parse_chaos(a.chaos)
+            validate(parse_chaos(a.chaos), max_rank=max(a.np, a.max_np or a.np))
         except ValueError as e:
             p.error(str(e))
     from .supervisor import RunConfig, Supervisor
     cfg = RunConfig(np=a.np, script=a.script, args=list(a.args), min_np=a.min_np,
-                    max_np=a.max_np, max_restarts=a.max_restarts, timeout=a.timeout,
+                    max_np=a.max_np, max_restarts=a.max_restarts, retry_errors=a.retry_errors,
+                    timeout=a.timeout,
                     heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos, bind=a.bind,
                     join_file=a.join_file)
     return Supervisor(cfg).run()
@@ -97,22 +114,22 @@ def join_main(argv: list[str]) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     a = p.parse_args(argv)
     import json
-    import subprocess
-    import uuid
     try:
         with open(a.join_file) as f:
             info = json.load(f)
-    except (OSError, ValueError) as e:
+        if not all(isinstance(info.get(k), str) for k in ("address", "secret", "job_id")):
+            raise ValueError("it lacks address, secret or job_id")
+    except (OSError, ValueError, AttributeError) as e:
         p.error(f"cannot read join file {a.join_file!r}: {e}")
     if not os.path.isfile(a.script):
         p.error(f"script {a.script!r} not found")
-    from .. import env
-    from .supervisor import CHILD
-    wenv = {**os.environ, env.COORD_ADDR: info["address"], env.SECRET: info["secret"],
-            env.JOB_ID: info["job_id"], env.HOST: info["host"],
-            env.WORKER_ID: f"joined-{uuid.uuid4().hex[:8]}", env.ELASTIC: "1", env.GROWTH: "1",
-            "PYTHONUNBUFFERED": "1"}
-    return subprocess.call([sys.executable, CHILD, a.script, *a.args], env=wenv)
+    from ..errors import RendezvousError
+    from .joiner import run_joined
+    try:
+        return run_joined(info, a.script, list(a.args))
+    except RendezvousError as e:
+        sys.stderr.write(f"phalanx join: error: {e}\n")
+        return 1
 
 
 def bench_main(argv: list[str]) -> int:

@@ -2,19 +2,22 @@
 
 The launcher outlives its workers: it hosts the coordinator (so a worker's death never takes
 the job's membership with it), fences workers the coordinator declares lost, prefixes every
-output line with the worker's rank, forwards SIGINT/SIGTERM, and cleans up shared memory.
+output line with the worker's rank, and cleans up shared memory. It tells faults (a worker
+killed, stopped, fenced, cut off: recovered) from bugs (an exception: the job fails, whatever
+--max-restarts says), names the root cause of a failure on its last line, ends a successful
+job with a one-line summary, and stops quietly on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,9 +26,11 @@ from typing import IO
 from .. import env
 from ..coord.protocol import new_secret
 from ..coord.server import CoordServer
+from . import procs, report
+from .procs import CHILD, write_join_file
 from .shmfiles import cleanup as shm_cleanup
 
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
+__all__ = ["CHILD", "RunConfig", "Supervisor", "write_join_file"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -44,8 +49,11 @@ class RunConfig:
     """Most workers a generation may hold (newcomers beyond it wait)."""
     max_restarts: int = 0
     """How many times lost workers are respawned in total."""
+    retry_errors: int = 0
+    """How many exceptions raised by workers are treated as faults (default 0: a bug fails)."""
     timeout: float = 30.0
-    """Collective timeout in seconds (PHALANX_TIMEOUT for the workers)."""
+    """Collective timeout in seconds (PHALANX_TIMEOUT); also how long peers may wait in a
+    collective for a live worker that never arrives before it is declared hung and fenced."""
     heartbeat_timeout: float = 3.0
     """Seconds of heartbeat silence before a worker is declared lost and fenced."""
     chaos: str | None = None
@@ -66,47 +74,6 @@ class RunConfig:
     def elastic(self) -> bool:
         return (self.min_np is not None and self.min_np < self.np) or self.max_restarts > 0 or (
             self.max_np is not None and self.max_np > self.np)
-
-
-@dataclass(kw_only=True, slots=True)
-class _Worker:
-    slot: int
-    worker_id: str
-    proc: subprocess.Popen[bytes]
-    pumps: list[threading.Thread]
-    fenced: bool = False
-
-
-def write_join_file(path: str, address: str, secret: str, job_id: str, host: str) -> None:
-    """What a worker needs to join this job from outside the launcher; readable by owner only."""
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"address": address, "secret": secret, "job_id": job_id, "host": host}, f)
-    os.replace(path + ".tmp", path)
-
-
-def _proc_state(pid: int) -> str:
-    """The process state letter from /proc (R, S, T, Z, ...), or '' if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _exiting(pid: int) -> bool:
-    """True if the process is already a zombie or gone (it exited; nothing to fence)."""
-    return _proc_state(pid) in ("Z", "X", "")
-
-
-def describe_exit(code: int) -> str:
-    """'exited with code 3' / 'was killed by SIGKILL'."""
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 def _log_to_stderr() -> None:
@@ -131,15 +98,20 @@ class Supervisor:
         self._out = out or sys.stdout.buffer
         self._err = err or sys.stderr.buffer
         self._print_lock = threading.Lock()
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, procs.Worker] = {}
         self._lock = threading.Lock()
         self._signal: int | None = None
+        self._quiet = False
+        self._errdir = tempfile.mkdtemp(prefix=f"phalanx-{self.job_id}-")
+        self.exits: list[report.Exit] = []
         self.restarts = 0
         self.host = socket.gethostname()
         self.server = CoordServer(self._secret, host=cfg.bind, target_np=cfg.np,
                                   min_np=cfg.min_np, max_np=cfg.max_np,
                                   heartbeat_timeout=cfg.heartbeat_timeout, settle=5.0,
                                   fence=self._fence, probe_stopped=self._is_stopped)
+        self.server.membership.straggler_timeout = cfg.timeout
+        self.server.membership.fail_on_error = cfg.retry_errors == 0
 
     # ------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
@@ -147,47 +119,44 @@ class Supervisor:
             self._err.write(f"[phalanx] {msg}\n".encode())
             self._err.flush()
 
-    def _pump(self, stream: IO[bytes], sink: IO[bytes], prefix: bytes) -> None:
-        for line in iter(stream.readline, b""):
+    def _sink(self, stream: IO[bytes]) -> procs.Sink:
+        def write(line: bytes) -> None:
+            if self._quiet:  # stopping on purpose: per-rank noise helps nobody
+                return
             with self._print_lock:
-                sink.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
-                sink.flush()
-        stream.close()
+                stream.write(line)
+                stream.flush()
+        return write
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, slot: int, restart: int) -> None:
         worker_id = f"w{slot}" if restart == 0 else f"w{slot}.{restart}"
         cfg = self.cfg
-        wenv = dict(os.environ)
-        wenv.update(cfg.extra_env)
-        wenv.update({
-            env.RANK: str(slot), env.SIZE: str(cfg.np), env.LOCAL_RANK: str(slot),
-            env.LOCAL_SIZE: str(cfg.np), env.WORKER_ID: worker_id,
-            env.COORD_ADDR: self.server.address, env.SECRET: self._secret, env.JOB_ID: self.job_id,
-            env.HOST: self.host, env.TIMEOUT: str(cfg.timeout),
-            env.ELASTIC: "1" if cfg.elastic else "0", "PYTHONUNBUFFERED": "1",
-            env.GROWTH: "1" if cfg.can_grow else "0",
-        })
+        error_file = os.path.join(self._errdir, f"{worker_id}.json")
+        wenv = {**os.environ, **cfg.extra_env,
+                env.RANK: str(slot), env.SIZE: str(cfg.np), env.LOCAL_RANK: str(slot),
+                env.LOCAL_SIZE: str(cfg.np), env.WORKER_ID: worker_id,
+                env.COORD_ADDR: self.server.address, env.SECRET: self._secret,
+                env.JOB_ID: self.job_id, env.HOST: self.host, env.TIMEOUT: str(cfg.timeout),
+                env.HEARTBEAT_TIMEOUT: str(cfg.heartbeat_timeout), env.ERROR_FILE: error_file,
+                env.ELASTIC: "1" if cfg.elastic else "0", "PYTHONUNBUFFERED": "1",
+                env.GROWTH: "1" if cfg.can_grow else "0"}
         if cfg.chaos:
             wenv[env.CHAOS] = cfg.chaos
         # One worker per core is the right default for CPU training (torchrun does the same).
         wenv.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.np)))
-        proc = subprocess.Popen([sys.executable, CHILD, cfg.script, *cfg.args], env=wenv,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        prefix = f"[rank{slot}]: ".encode() if restart == 0 else f"[rank{slot}.{restart}]: ".encode()
-        pumps = [threading.Thread(target=self._pump, args=(s, k, prefix), daemon=True)
-                 for s, k in ((proc.stdout, self._out), (proc.stderr, self._err))]
-        for t in pumps:
-            t.start()
+        prefix = f"[rank{slot}]: " if restart == 0 else f"[rank{slot}.{restart}]: "
+        w = procs.spawn(slot=slot, worker_id=worker_id, prefix=prefix,
+                        argv=[cfg.script, *cfg.args], env=wenv, error_file=error_file,
+                        out=self._sink(self._out), err=self._sink(self._err))
         with self._lock:
-            self._workers[worker_id] = _Worker(slot=slot, worker_id=worker_id, proc=proc, pumps=pumps)
+            self._workers[worker_id] = w
 
     def _is_stopped(self, worker_id: str, pid: int) -> bool:
         """Coordinator probe: is this (local) worker's process stopped (state T)?"""
         with self._lock:
             w = self._workers.get(worker_id)
-        return w is not None and w.proc.pid == pid and _proc_state(pid) in ("T", "t")
+        return w is not None and w.proc.pid == pid and procs.is_stopped(pid)
 
     def _fence(self, worker_id: str, pid: int, urgent: bool = True) -> None:
         """Coordinator callback: kill a worker declared lost so its peers fail fast."""
@@ -200,48 +169,32 @@ class Supervisor:
             return
         with self._lock:
             w = self._workers.get(worker_id)
-        if w is None or w.proc.poll() is not None or _exiting(w.proc.pid):
+        if w is None or w.proc.poll() is not None or procs.exiting(w.proc.pid):
             return
         w.fenced = True
-        self.say(f"fencing worker {worker_id} (pid {w.proc.pid}): declared lost by the coordinator")
-        try:
-            os.killpg(w.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if not self._quiet:
+            self.say(f"fencing worker {worker_id} (pid {w.proc.pid}): declared lost by the "
+                     "coordinator")
+        procs.kill_group(w.proc.pid, signal.SIGKILL)
 
-    def _signal_all(self, sig: int) -> None:
+    def _all(self) -> list[procs.Worker]:
         with self._lock:
-            procs = [w.proc for w in self._workers.values() if w.proc.poll() is None]
-        for p in procs:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def _stop_all(self, grace: float = 5.0) -> None:
-        self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        with self._lock:
-            procs = [w.proc for w in self._workers.values()]
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        self._signal_all(signal.SIGKILL)
-        for p in procs:
-            p.wait()
+            return list(self._workers.values())
 
     # ------------------------------------------------------------------ main loop
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signal = signum
-        self._signal_all(signum)
+        self._quiet = True
+        self.server.membership.quiet()
+        for w in self._all():
+            procs.kill_group(w.proc.pid, signal.SIGTERM)
 
     def run(self) -> int:
         cfg = self.cfg
         _log_to_stderr()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.server.start()
+        self.t0 = time.monotonic()
         if cfg.join_file:
             write_join_file(cfg.join_file, self.server.address, self._secret, self.job_id,
                             self.host)
@@ -250,13 +203,12 @@ class Supervisor:
                 self._spawn(slot, 0)
             return self._supervise()
         finally:
-            self._stop_all(grace=2.0)
+            procs.stop_all(self._all(), grace=2.0)
             self.server.stop()
-            with self._lock:
-                pumps = [t for w in self._workers.values() for t in w.pumps]
-            for t in pumps:
+            for t in [t for w in self._all() for t in w.pumps]:
                 t.join(timeout=2)
             shm_cleanup(self.job_id)
+            shutil.rmtree(self._errdir, ignore_errors=True)
             if cfg.join_file:
                 try:
                     os.unlink(cfg.join_file)
@@ -265,53 +217,105 @@ class Supervisor:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    def _reap(self) -> tuple[int, list[report.Exit]]:
+        """(workers still running, workers that exited since the last call)."""
+        running, ended = 0, []
+        for wid, w in list(self._workers.items()):
+            code = w.proc.poll()
+            if code is None:
+                running += 1
+                continue
+            with self._lock:
+                del self._workers[wid]
+            for t in w.pumps:
+                t.join(timeout=2)
+            ended.append(report.Exit(slot=w.slot, worker=wid, pid=w.proc.pid, code=code,
+                                     seen=time.time(), fenced=w.fenced,
+                                     lost=self.server.membership.is_lost(wid),
+                                     error=procs.read_error(w.error_file)))
+        self.exits.extend(ended)
+        return running, ended
+
     def _supervise(self) -> int:
         cfg = self.cfg
         min_np = cfg.min_np if cfg.min_np is not None else cfg.np
-        finished_ok = 0
+        retries = cfg.retry_errors
         while True:
             if self._signal is not None:
-                name = signal.Signals(self._signal).name
-                self.say(f"received {name}; stopping the workers")
-                self._stop_all()
-                return 128 + self._signal
-            with self._lock:
-                items = list(self._workers.items())
-            running = 0
-            for wid, w in items:
-                code = w.proc.poll()
-                if code is None:
-                    running += 1
+                return self._interrupted()
+            running, ended = self._reap()
+            if self.server.membership.failed is not None:
+                return self._fail()  # a worker reported an exception: no respawn can help
+            for e in sorted(ended, key=lambda e: e.is_fault):  # bugs first
+                if e.code == 0:
                     continue
-                with self._lock:
-                    del self._workers[wid]
-                for t in w.pumps:
-                    t.join(timeout=2)
-                if code == 0:
-                    finished_ok += 1
-                    continue
-                why = f"rank {w.slot} (worker {wid}, pid {w.proc.pid}) {describe_exit(code)}"
-                if w.fenced and code == -signal.SIGKILL:
-                    why += " (fenced by the launcher)"
-                if not cfg.elastic:
-                    self.say(f"job failed: {why}")
-                    self._stop_all()
-                    return code if code > 0 else 128 - code
-                self.server.declare_lost(wid, why)
+                if not e.is_fault and retries > 0:
+                    retries -= 1  # the user asked to treat this many exceptions as faults
+                elif not e.is_fault or not cfg.elastic:
+                    return self._fail()
+                self.server.declare_lost(e.worker, e.why())
                 if self.restarts < cfg.max_restarts:
                     self.restarts += 1
-                    self.say(f"{why}; respawning it ({self.restarts}/{cfg.max_restarts} restarts)")
-                    self._spawn(w.slot, self.restarts)
+                    self.say(f"{e.why()}; respawning it ({self.restarts}/{cfg.max_restarts} "
+                             "restarts)")
+                    self._spawn(e.slot, self.restarts)
                     running += 1
                 else:
-                    self.say(f"{why}; continuing without it")
+                    self.say(f"{e.why()}; continuing without it")
+            finished = sum(1 for e in self.exits if e.code == 0)
             if running == 0:
-                if finished_ok:
-                    return 0
-                self.say("job failed: every worker was lost")
-                return 1
-            if cfg.elastic and running + finished_ok < min_np and finished_ok == 0:
-                self.say(f"job failed: {running} worker(s) left, fewer than --min-np {min_np}")
-                self._stop_all()
-                return 1
+                return self._succeed() if finished else self._fail("every worker was lost")
+            if cfg.elastic and running + finished < min_np and finished == 0:
+                return self._fail(f"{running} worker(s) left, fewer than --min-np {min_np}")
             time.sleep(0.02)
+
+    def _fail(self, why: str = "") -> int:
+        """Stop the job; the last line names the root cause (the first failure in time)."""
+        m = self.server.membership
+        m.quiet()
+        m.fail(why or "a worker failed")  # no generation forms while the job is stopping
+        deadline = time.monotonic() + 0.5  # let near-simultaneous exits arrive, to order them
+        while self._workers and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+        self._quiet = True
+        procs.stop_all(self._all(), grace=5.0)
+        self._reap()
+        self._report_chaos()
+        failed = [e for e in self.exits if e.code != 0]
+        cause = report.root_cause(failed) if failed else None
+        text = cause.why() if cause is not None else str(m.failed)
+        self.say(f"job failed: {text}" + (f"; {why}" if why else ""))
+        return report.exit_code(cause) if cause is not None else 1
+
+    def _succeed(self) -> int:
+        events = self.server.events
+        faults = [e.why() for e in self.exits if e.code != 0]
+        self._report_chaos()
+        self.say(report.summary(
+            seconds=time.monotonic() - self.t0, started=self.cfg.np,
+            finished=sum(1 for e in self.exits if e.code == 0),
+            generations=sum(1 for e in events if e["event"] == "generation"),
+            faults=faults, restarts=self.restarts))
+        return 0
+
+    def _interrupted(self) -> int:
+        assert self._signal is not None  # only called once a signal arrived
+        name = signal.Signals(self._signal).name
+        n = len(self._all())
+        procs.stop_all(self._all(), grace=5.0)
+        self.say(f"received {name}: stopped {n} worker(s) after "
+                 f"{time.monotonic() - self.t0:.1f}s (last step "
+                 f"{self.server.membership.max_step})")
+        return 128 + self._signal
+
+    def _report_chaos(self) -> None:
+        if not self.cfg.chaos or self._signal is not None:
+            return
+        from ..elastic.chaos import parse_chaos
+        rules = parse_chaos(self.cfg.chaos)
+        fired = {int(e["info"].get("rule", -1)) for e in self.server.events
+                 if e["event"] == "worker-chaos"}
+        for line in report.unfired_chaos([r.text for r in rules], fired,
+                                         self.server.membership.max_step):
+            self.say(line)

@@ -58,3 +58,26 @@ def broadcast_object(obj: Any, root: int) -> Any:
     """Broadcast a picklable object from `root`; every rank returns root's object."""
     import phalanx as px
     return px.broadcast_object(obj, root=root)
+
+
+def allgather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable object, in rank order."""
+    import phalanx as px
+    return px.allgather_object(obj)
+
+
+def generation() -> int:
+    """The current membership generation (changes when workers leave or join)."""
+    import phalanx as px
+    return int(px.generation())
+
+
+def check_live() -> None:
+    """Raise WorkerLost if this generation can no longer commit a step: a peer was declared
+    lost, or this worker was fenced or cut off from the coordinator."""
+    from .. import runtime
+    from ..errors import WorkerLost
+    rt = runtime.active()
+    reason = rt.client.abort_reason() if rt is not None and rt.client is not None else None
+    if reason:
+        raise WorkerLost(f"not applying this step: {reason}", generation=rt.group.place.generation)

@@ -107,3 +107,27 @@ def build_buckets(named_params: list[tuple[str, torch.Tensor]],
         b.offsets.append(b.numel)
         b.numel += p.numel()
     return buckets
+
+
+def layout_mismatch(layouts: list[list[tuple[str, tuple[int, ...], str]]]) -> str:
+    """Message naming the parameters whose presence, shape or dtype differs between ranks
+    (`layouts[r]` lists rank r's (name, shape, dtype) in bucket order)."""
+    names = sorted({n for layout in layouts for n, _, _ in layout})
+    per_rank = [{n: (shape, dtype) for n, shape, dtype in layout} for layout in layouts]
+    problems: list[str] = []
+    for name in names:
+        seen: dict[object, list[int]] = {}
+        for r, params in enumerate(per_rank):
+            seen.setdefault(params.get(name), []).append(r)
+        if len(seen) == 1:
+            continue
+        parts = [f"missing on rank(s) {ranks}" if desc is None else
+                 f"shape {desc[0]} {desc[1].replace('torch.', '')} on rank(s) {ranks}"  # type: ignore[index]
+                 for desc, ranks in seen.items()]
+        problems.append(f"{name!r}: " + "; ".join(parts))
+    if not problems:
+        problems.append("the same parameters in a different order")
+    shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+    return ("DistributedOptimizer: ranks hold different parameters, so their gradient buckets "
+            "do not line up: " + ", ".join(shown) + ". Every rank must wrap the same model "
+            "(same parameters, shapes and dtypes, registered in the same order)")

@@ -12,16 +12,22 @@ the same order, ranks never issue mismatched collectives, whatever subset of par
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError, PhalanxError
-from .buckets import Bucket, build_buckets
+from torch.utils.hooks import RemovableHandle
+
+from ..comm.ops import REDUCE_OPS
+from ..errors import CollectiveMismatch, ConfigError, PhalanxError
+from . import _comm
+from .buckets import Bucket, build_buckets, layout_mismatch
 from .compression import COMPRESSIONS, Compressor, Pending, make_compressor
 
-OPS = ("avg", "sum", "min", "max", "prod")
+OPS = REDUCE_OPS
 """Valid values of `DistributedOptimizer(op=...)`."""
 
 
@@ -92,6 +98,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._touched = False
         self._last_was_step = False
         self._in_skip = False
+        self._post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._start_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._checked_generation = -1
         self._build()
 
     # ---- delegation: the wrapped optimizer owns groups, state, hooks and defaults ----
@@ -133,8 +142,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
         return self._opt.register_step_pre_hook(hook)
 
-    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
-        return self._opt.register_step_post_hook(hook)
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """`hook(optimizer, args, kwargs)` runs after each complete step (reduction applied):
+        the step boundary an elastic `State` registers for."""
+        handle = RemovableHandle(self._post_hooks)
+        self._post_hooks[handle.id] = hook
+        return handle
+
+    def register_step_start_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """`hook(optimizer)` runs once per step, before the step's first reduction (during
+        backward with overlap): an elastic `State` leaves there for a membership change."""
+        handle = RemovableHandle(self._start_hooks)
+        self._start_hooks[handle.id] = hook
+        return handle
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and rebuild the buckets (between steps only)."""
@@ -203,10 +223,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         result = self._opt.step()
         self._reset_step()
         self._last_was_step = True
-        # The step boundary: loaders consume the step's samples, the coordinator hears our step,
-        # checkpoints and chaos fire, and workers waiting to join are admitted.
-        from ..elastic.state import step_completed
-        step_completed()
+        for hook in list(self._post_hooks.values()):
+            hook(self, (), {})
         return result
 
     def remove_hooks(self) -> None:
@@ -281,7 +299,26 @@ class DistributedOptimizer(torch.optim.Optimizer):
         bi, j = self._where[p]
         return repr(self._buckets[bi].names[j])
 
+    def _check_layout(self) -> None:
+        """Once per generation, before its first reduction: every rank must reduce the same
+        parameters, or the buckets would not line up; name the parameters that differ."""
+        gen = _comm.generation()
+        if gen == self._checked_generation:
+            return
+        layout = [(n, tuple(p.shape), str(p.dtype)) for b in self._buckets
+                  for n, p in zip(b.names, b.params)]
+        digests = _comm.allgather_object(hashlib.sha256(repr(layout).encode()).hexdigest())
+        self._checked_generation = gen
+        if len(set(digests)) > 1:
+            raise CollectiveMismatch(layout_mismatch(_comm.allgather_object(layout)))
+
     def _launch(self, bucket: Bucket) -> None:
+        if bucket.index == 0:
+            # A peer declared lost, or this worker cut off: contribute nothing to this step.
+            _comm.check_live()
+            for hook in list(self._start_hooks.values()):
+                hook(self)
+            self._check_layout()
         bucket.pack()
         self._pending.append((bucket, self._compressor.start(bucket, self.op)))
         self._next_launch = bucket.index + 1

@@ -32,7 +32,8 @@ def fit_elastic(estimator: E, data: PartitionedDataset, *, max_recoveries: int =
         raise ConfigError(f"fit_elastic needs a PartitionedDataset, got {type(data).__name__}: "
                           "with plain arrays the lost rank's rows are gone; wrap the source, e.g. "
                           "PartitionedDataset(FileDataset(path))")
-    from ... import api, runtime
+    from ... import api
+    from ...elastic.loop import reform
     fit = getattr(estimator, "fit")
     for attempt in range(max_recoveries + 1):
         try:
@@ -41,20 +42,20 @@ def fit_elastic(estimator: E, data: PartitionedDataset, *, max_recoveries: int =
         except WorkerLost as e:
             if attempt == max_recoveries:
                 raise
-            old_rank, old_world = api.rank(), api.size()
-            try:
-                runtime.current().reform()
+            info: dict[str, Any] = {"reported": list(e.lost_ranks)}
+
+            def heal(origin: Any) -> str:
                 # Survivors agree on who left from who is here: e.lost_ranks can be empty when
                 # the collective failed before the coordinator noticed the death.
-                alive = api.allgather_object(old_rank)
-            except WorkerLost:
-                continue  # lost another worker while re-forming: try again
-            lost = sorted(set(range(old_world)) - set(alive))
-            adopted = data.reassign(api.rank(), api.size(), lost_ranks=lost)
-            info = {"old_rank": old_rank, "old_world": old_world, "rank": api.rank(),
-                    "world": api.size(), "lost": lost, "reported": list(e.lost_ranks),
-                    "adopted": adopted}
-            log.warning("fit lost rank(s) %s; refitting on %d workers", lost, api.size())
+                alive = api.allgather_object(origin.rank)
+                lost = sorted(set(range(origin.size)) - set(alive))
+                adopted = data.reassign(api.rank(), api.size(), lost_ranks=lost)
+                info.update(old_rank=origin.rank, old_world=origin.size, rank=api.rank(),
+                            world=api.size(), lost=lost, adopted=adopted)
+                return f"adopted the splits of lost rank(s) {lost}"
+
+            reform(e, heal)
+            log.warning("fit lost rank(s) %s; refitting on %d workers", info["lost"], api.size())
             if on_recovery is not None:
                 on_recovery(info)
-    raise AssertionError("unreachable")  # the loop returns or raises
+    raise RuntimeError("unreachable: the loop returns or raises")

@@ -1,0 +1,404 @@
+"""The coordinator's state machine: members, generations, the bootstrap store, job outcome.
+
+No sockets here: `CoordServer` authenticates frames and hands each request to `Membership.handle`,
+which answers it. Every request is validated: an authenticated but malformed header gets an
+error reply (it never raises into the connection thread), and waits are bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import policy
+from .store_ops import BadRequest, StoreOps, _int, _seconds, _str
+
+log = logging.getLogger("phalanx.coord")
+
+FenceFn = Callable[[str, int, bool], None]
+Reply = tuple[dict[str, Any], bytes]
+
+
+@dataclass(kw_only=True, slots=True)
+class World:
+    """One generation: who is in it, in rank order."""
+
+    generation: int
+    workers: list[str]
+    hosts: list[str]
+    steps: list[int]
+    formed_at: float = field(default_factory=time.monotonic)
+
+
+class Membership(StoreOps):
+    """Who is in the job, which generation is current, and the generation-scoped store."""
+
+    def __init__(self, *, target_np: int, min_np: int, max_np: int, heartbeat_timeout: float,
+                 settle: float, fence: FenceFn | None, stopped_timeout: float,
+                 probe_stopped: Callable[[str, int], bool] | None, stop: threading.Event) -> None:
+        self.target_np, self.min_np, self.max_np = target_np, min_np, max_np
+        self.heartbeat_timeout = heartbeat_timeout
+        self.settle = settle
+        self.fence = fence
+        self.stopped_timeout = stopped_timeout
+        self.probe_stopped = probe_stopped
+        self.cv = threading.Condition()
+        self.kv: dict[str, bytes] = {}
+        self.members: dict[str, policy.MemberStatus] = {}
+        self.pids: dict[str, int] = {}
+        self.tokens: dict[str, str] = {}
+        self.world: World | None = None
+        self.broken: set[int] = set()
+        self.events: list[dict[str, Any]] = []
+        self.failed: str | None = None
+        self.max_step = -1
+        """Newest step any worker reported completing (lowered only by `rebase`)."""
+        self.straggler_timeout: float | None = None
+        """Seconds peers may wait in a collective for a live worker that never arrives."""
+        self.version = 0
+        """Bumped on every change a heartbeat should hear of at once (loss, generation...)."""
+        self.starters: dict[str, str] = {}
+        self.orders: dict[str, list[tuple[str, int]]] = {}
+        self.stopped_reports: dict[str, float] = {}
+        self.fail_on_error = True
+        """An exception a worker reports fails the job at once (no new generation forms)."""
+        self.seen_keys: set[str] = set()
+        self.errors: dict[str, dict[str, Any]] = {}
+        """Exceptions workers reported before exiting, by worker id."""
+        self._wait_since: float | None = None
+        self._stop = stop
+        self._quiet = False
+
+    # ----------------------------------------------------------------- decisions from outside
+    def fail(self, reason: str) -> None:
+        """The job is failing: no new generation forms, rendezvous answers with `reason`."""
+        with self.cv:
+            if self.failed is None:
+                self.failed = reason
+                self._event("failed", reason=reason)
+            self.cv.notify_all()
+
+    def quiet(self) -> None:
+        """The job is being stopped on purpose: losses are expected, so log none."""
+        self._quiet = True
+
+    def declare_lost(self, worker: str, reason: str, *, urgent: bool = True) -> None:
+        """Mark a worker lost, break its generation, and fence it (its starter kills it).
+
+        `urgent` fences at once (a silent but live process); otherwise its starter kills it
+        only if it is still running a moment later (its socket closed because it is exiting).
+        """
+        with self.cv:
+            m = self.members.get(worker)
+            if m is None or not m.alive:
+                return
+            m.alive = False
+            m.waiting = False
+            pid = self.pids.get(worker, -1)
+            if self.world and worker in self.world.workers:
+                self.broken.add(self.world.generation)
+            self._event("lost", worker=worker, reason=reason)
+            starter = self.starters.get(worker)
+            if starter is not None:
+                self.orders.setdefault(starter, []).append((worker, pid))
+            self.cv.notify_all()
+        if not self._quiet:
+            log.warning("worker %s lost: %s", worker, reason)
+        if self.fence is not None:
+            try:
+                self.fence(worker, pid, urgent)
+            except Exception:  # fencing is best effort; the peer may be gone already
+                log.exception("fencing worker %s failed", worker)
+
+    def is_lost(self, worker: str) -> bool:
+        """True if the coordinator declared this worker lost (not if it left cleanly)."""
+        with self.cv:
+            m = self.members.get(worker)
+            return m is not None and not m.alive and not m.left and worker not in self.errors
+
+    def tick(self) -> None:
+        """One monitor pass: declare silent workers lost, form a generation if due."""
+        now = time.monotonic()
+        with self.cv:
+            # Probe only workers already silent for a while: a /proc read each, cheap.
+            quiet = [(m.worker, self.pids.get(m.worker, -1)) for m in self.members.values()
+                     if m.alive and m.last_heartbeat and now - m.last_heartbeat > self.stopped_timeout]
+        stopped = ({w for w, pid in quiet if pid > 0 and self.probe_stopped(w, pid)}
+                   if self.probe_stopped is not None else set())
+        with self.cv:
+            # Starters elsewhere (agents, `phalanx join`) report their stopped workers.
+            stopped |= {w for w, t in self.stopped_reports.items() if now - t < 1.0}
+            decisions = [policy.find_lost(list(self.members.values()), time.monotonic(),
+                                          self.heartbeat_timeout, stopped=stopped,
+                                          stopped_timeout=self.stopped_timeout)]
+            if self.world is not None and self.straggler_timeout is not None:
+                world = [self.members[w] for w in self.world.workers]
+                decisions.append(policy.find_stragglers(world, self.world.generation,
+                                                        self.straggler_timeout))
+            self._maybe_form()
+        for decision in decisions:
+            for w in decision.members if decision.act else []:
+                self.declare_lost(w, decision.reason)
+
+    def heartbeat_closed(self, worker: str) -> None:
+        """A heartbeat connection closed without a goodbye: the process is exiting or cut off."""
+        with self.cv:
+            m = self.members.get(worker)
+            gone = m is not None and m.alive
+        if gone:
+            self.declare_lost(worker, "heartbeat connection closed (process exited)", urgent=False)
+
+    def check_token(self, worker: str, token: str) -> bool:
+        """Does `token` prove this connection speaks for `worker` (issued at its join)?"""
+        with self.cv:
+            want = self.tokens.get(worker)
+        return want is not None and secrets.compare_digest(want, token)
+
+    def _event(self, kind: str, **info: Any) -> None:
+        self.events.append({"t": time.time(), "event": kind, **info})
+        self.version += 1
+
+    # ----------------------------------------------------------------- requests
+    def handle(self, op: str, h: dict[str, Any], payload: bytes) -> Reply:
+        """Answer one authenticated request; malformed ones get {'ok': False, 'error': ...}."""
+        handler = getattr(self, f"_op_{op}", None) if op.isidentifier() else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown op {op[:64]!r}"}, b""
+        try:
+            return handler(h, payload)
+        except (BadRequest, KeyError, TypeError, ValueError, OverflowError) as e:
+            return {"ok": False, "error": f"bad {op} request: {e}"[:512]}, b""
+
+    def _op_join(self, h: dict[str, Any], _: bytes) -> Reply:
+        worker, host = _str(h, "worker", 256), _str(h, "host", 256)
+        rank_hint, pid = _int(h, "rank_hint", -1), _int(h, "pid", -1)
+        starter = h.get("starter")
+        if starter is not None and (not isinstance(starter, str) or len(starter) > 256):
+            raise BadRequest("field 'starter' must be a short string")
+        with self.cv:
+            if self.failed is not None:
+                return {"ok": False, "error": f"the job is failing: {self.failed}"}, b""
+            m = self.members.get(worker)
+            if m is not None and not m.alive:
+                return {"ok": False, "error": f"worker {worker} was declared lost; "
+                        "a lost worker cannot rejoin under the same id"}, b""
+            if m is None:
+                m = policy.MemberStatus(worker=worker, host=host, rank_hint=rank_hint)
+                self.members[worker] = m
+                self.tokens[worker] = secrets.token_hex(16)
+                self._event("joined", worker=worker, host=m.host)
+            m.last_heartbeat = time.monotonic()
+            self.pids[worker] = pid
+            if starter:
+                self.starters[worker] = starter
+            self.cv.notify_all()
+            return {"ok": True, "token": self.tokens[worker]}, b""
+
+    def _op_heartbeat(self, h: dict[str, Any], _: bytes) -> Reply:
+        """A beat; with `hold`, the reply waits up to that long for news (a loss, a new
+        generation), so every worker hears of a loss within milliseconds."""
+        worker, generation = _str(h, "worker", 256), _int(h, "generation", 0)
+        step, hold = _int(h, "step", -1), min(_seconds(h, "hold", 0.0), 5.0)
+        with self.cv:
+            m = self.members.get(worker)
+            if m is None or not m.alive:
+                return {"ok": False, "fenced": True,
+                        "error": f"worker {worker} is not a live member"}, b""
+            m.last_heartbeat = time.monotonic()
+            m.step, m.generation = step, generation
+            m.collectives, m.blocked = _int(h, "coll", 0), _seconds(h, "blocked", 0.0)
+            self.max_step = max(self.max_step, step)
+            seen, deadline = self.version, time.monotonic() + hold
+            while self.version == seen and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            if not m.alive:
+                return {"ok": False, "fenced": True,
+                        "error": f"worker {worker} was declared lost"}, b""
+            return self._status_reply(generation), b""
+
+    def _status_reply(self, generation: int) -> dict[str, Any]:
+        world = self.world
+        current = world.generation if world else 0
+        lost: list[int] = []
+        if world and world.generation == generation:
+            lost = [r for r, w in enumerate(world.workers)
+                    if not self.members[w].alive and not self.members[w].left]
+        waiting_outside = sum(1 for m in self.members.values() if m.alive and m.waiting
+                              and (not world or m.worker not in world.workers))
+        return {"ok": True, "generation": current, "lost_ranks": lost,
+                "broken": generation in self.broken, "newcomers": waiting_outside,
+                "failed": self.failed}
+
+    def _op_status(self, h: dict[str, Any], _: bytes) -> Reply:
+        generation = _int(h, "generation", 0)
+        with self.cv:
+            return self._status_reply(generation), b""
+
+    def _op_leave(self, h: dict[str, Any], _: bytes) -> Reply:
+        worker = _str(h, "worker", 256)
+        with self.cv:
+            m = self.members.get(worker)
+            if m is not None and m.alive:
+                m.alive = False
+                m.left = True
+                m.waiting = False
+                self._event("left", worker=worker)
+                self.cv.notify_all()
+        return {"ok": True}, b""
+
+    def _op_event(self, h: dict[str, Any], _: bytes) -> Reply:
+        """A worker reports something for the launcher's summary (e.g. a chaos rule about to
+        fire). `first` in the reply says whether this `key` was reported before, so a rule
+        fires once per job even when a replacement passes the same step again."""
+        worker, kind = _str(h, "worker", 256), _str(h, "kind", 64)
+        info, key = h.get("info", {}), h.get("key")
+        if not isinstance(info, dict) or len(str(info)) > 4096:
+            raise BadRequest("field 'info' must be a small object")
+        with self.cv:
+            first = key is None or f"{kind}/{key}" not in self.seen_keys
+            if key is not None:
+                self.seen_keys.add(f"{kind}/{str(key)[:256]}")
+            if first:
+                self._event(f"worker-{kind}", worker=worker, info=info)
+        return {"ok": True, "first": first}, b""
+
+    def _op_failed(self, h: dict[str, Any], _: bytes) -> Reply:
+        """A worker is exiting on an exception (a bug, not a fault): it is gone, its
+        generation is broken, and nobody needs to fence it."""
+        worker, error = _str(h, "worker", 256), h.get("error")
+        if not isinstance(error, dict) or len(str(error)) > 8192:
+            raise BadRequest("field 'error' must be a small object")
+        with self.cv:
+            m = self.members.get(worker)
+            if m is None or not m.alive:
+                return {"ok": True}, b""
+            m.alive = m.waiting = False
+            if self.world and worker in self.world.workers:
+                self.broken.add(self.world.generation)
+            self.errors[worker] = {str(k): v for k, v in error.items()}
+            self._event("error", worker=worker, error=self.errors[worker])
+            if self.fail_on_error and not error.get("cascade") and self.failed is None:
+                self.failed = f"worker {worker} raised {error.get('type')}"
+            self.cv.notify_all()
+        if not self._quiet and not error.get("cascade"):
+            log.warning("worker %s raised %s at %s", worker, error.get("type"), error.get("where"))
+        return {"ok": True}, b""
+
+    def _op_rebase(self, h: dict[str, Any], _: bytes) -> Reply:
+        """The job resumed from a checkpoint at `step`: steps after it are gone for good."""
+        step = _int(h, "step")
+        with self.cv:
+            self.max_step = step
+            self._event("rebased", step=step)
+        return {"ok": True}, b""
+
+    def _op_watch(self, h: dict[str, Any], _: bytes) -> Reply:
+        """A starter elsewhere (an agent, `phalanx join`) waits for fence orders for its
+        workers and reports which of them are stopped (SIGSTOP: state T)."""
+        starter, stopped = _str(h, "starter", 256), h.get("stopped", [])
+        if not isinstance(stopped, list) or not all(isinstance(w, str) for w in stopped):
+            raise BadRequest("field 'stopped' must be a list of worker ids")
+        deadline = time.monotonic() + min(_seconds(h, "timeout", 1.0), 5.0)
+        with self.cv:
+            now = time.monotonic()
+            for w in stopped[:1024]:
+                if self.starters.get(w) == starter:
+                    self.stopped_reports[w] = now
+            while not self.orders.get(starter) and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            orders = self.orders.pop(starter, [])
+        return {"ok": True, "fence": [list(o) for o in orders], "failed": self.failed}, b""
+
+    def _op_rendezvous(self, h: dict[str, Any], _: bytes) -> Reply:
+        worker, after = _str(h, "worker", 256), _int(h, "after", 0)
+        step = _int(h, "step", -1)
+        deadline = time.monotonic() + _seconds(h, "timeout", 60.0)
+        with self.cv:
+            m = self.members.get(worker)
+            if m is None or not m.alive:
+                return {"ok": False, "error": f"worker {worker} is not a live member; join first"}, b""
+            m.waiting = True
+            m.step = step
+            self.max_step = max(self.max_step, step)
+            if self._wait_since is None:
+                self._wait_since = time.monotonic()
+            self.cv.notify_all()
+            while True:
+                self._maybe_form()
+                w = self.world
+                if w is not None and w.generation > after and worker in w.workers:
+                    return self._assignment(w, worker), b""
+                if not m.alive:
+                    return {"ok": False, "error": f"worker {worker} was declared lost"}, b""
+                if self.failed is not None:
+                    m.waiting = False
+                    return {"ok": False, "failed": True,
+                            "error": f"the job is failing: {self.failed}"}, b""
+                if w is not None and worker not in w.workers and self._finished(w):
+                    m.waiting = False
+                    return {"ok": False, "finished": True,
+                            "error": "the job finished before this worker could join"}, b""
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    m.waiting = False
+                    n = sum(1 for x in self.members.values() if x.alive and x.waiting)
+                    return {"ok": False, "error": f"rendezvous timed out: {n} worker(s) waiting, "
+                            f"need {self.target_np if w is None else self.min_np}"}, b""
+                self.cv.wait(min(left, 0.05))
+
+    def _finished(self, w: World) -> bool:
+        """Every member of the current generation left cleanly: the job is over."""
+        return all(self.members[x].left for x in w.workers)
+
+    def _maybe_form(self) -> None:
+        """Form the next generation if the policy says so (caller holds the lock)."""
+        members = list(self.members.values())
+        if self.failed is not None or not any(m.waiting for m in members):
+            return
+        if self.world is not None and self._finished(self.world):
+            return  # the job is over; newcomers are told so by rendezvous
+        waited = time.monotonic() - (self._wait_since or time.monotonic())
+        decision = policy.should_form(members, first=self.world is None, target_np=self.target_np,
+                                      min_np=self.min_np, max_np=self.max_np, waited=waited,
+                                      settle=self.settle,
+                                      current=self.world.workers if self.world else None)
+        if not decision.act:
+            return
+        prev = self.world.workers if self.world else []
+        chosen = [self.members[w] for w in decision.members]
+        order = policy.order_world(chosen, prev)
+        gen = (self.world.generation if self.world else 0) + 1
+        self.world = World(generation=gen, workers=order,
+                           hosts=[self.members[w].host for w in order],
+                           steps=[self.members[w].step for w in order])
+        for w in order:
+            self.members[w].waiting = False
+        self._wait_since = None
+        # Bootstrap keys of older generations are dead weight now.
+        for k in [k for k in self.kv if k.startswith("g") and k.split("/", 1)[0][1:].isdigit()
+                  and int(k.split("/", 1)[0][1:]) < gen - 1]:
+            del self.kv[k]
+        self._event("generation", generation=gen, workers=order, reason=decision.reason)
+        log.info("generation %d formed with %d workers: %s", gen, len(order), decision.reason)
+        self.cv.notify_all()
+
+    def _assignment(self, w: World, worker: str) -> dict[str, Any]:
+        rank = w.workers.index(worker)
+        host = w.hosts[rank]
+        local = [i for i, h in enumerate(w.hosts) if h == host]
+        return {"ok": True, "generation": w.generation, "rank": rank, "size": len(w.workers),
+                "local_rank": local.index(rank), "local_size": len(local),
+                "hosts": w.hosts, "workers": w.workers, "steps": w.steps,
+                "job_step": self.max_step,
+                "pids": [self.pids.get(x, -1) for x in w.workers]}

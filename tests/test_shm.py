@@ -21,7 +21,7 @@ if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 from phalanx.comm.shm import ShmAllreduce  # noqa: E402
-from phalanx.errors import CollectiveMismatch, WorkerLost  # noqa: E402
+from phalanx.errors import CollectiveMismatch, ConfigError, WorkerLost  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128]
@@ -202,23 +202,30 @@ def test_allreduce_and_broadcast_match_numpy(shm_path, size):
 
 
 def _mismatch_worker(rank: int, size: int, path: str, pids: list[int]) -> list[str]:
+    explaining = [False]
+
+    def explain(sigs, ranks):
+        return f"explained: ranks {ranks} sent {sigs}" if explaining[0] else None
     eng = ShmAllreduce(path, rank, size, capacity_bytes=CAP, timeout=20.0,
-                       peer_pids=pids)
+                       peer_pids=pids, explain=explain)
     msgs = []
     try:
         cases = [(torch.ones(10 + (rank == size - 1)), "sum"),      # numel differs on last
                  (torch.ones(10), "max" if rank == 1 else "sum"),   # op differs on rank 1
-                 (torch.ones(5000), "sum")]                          # size differs from n=0
+                 (torch.ones(5000), "sum"),                          # size differs from n=0
+                 (torch.ones(10), "sum")]                            # signature differs
         if rank == 0:
             cases[2] = (torch.ones(0), "sum")
-        for t, op in cases:
+        for i, (t, op) in enumerate(cases):
+            explaining[0] = i == 3
             try:
-                eng.allreduce_(t, op, (7, t.numel()), describe=lambda s: f"step {s[0]}")
+                eng.allreduce_(t, op, (7, rank if i == 3 else t.numel()))
                 msgs.append("no error")
             except CollectiveMismatch as e:
                 msgs.append(str(e))
         t = torch.ones(100)                       # the group stays usable after a mismatch
         eng.allreduce_(t, "sum")
+        eng.barrier()
         msgs.append("ok" if torch.equal(t, torch.full_like(t, size)) else "bad sum")
     finally:
         eng.close()
@@ -232,11 +239,13 @@ def test_mismatch_raises_on_every_rank(shm_path):
     for rank in range(size):
         kind, msgs = res[rank]
         assert kind == "ok", f"rank {rank}: {kind} {msgs}"
-        assert "numel=11" in msgs[0] and "local rank(s) [2]" in msgs[0], msgs[0]
-        assert "op=max" in msgs[1] and "local rank(s) [1]" in msgs[1], msgs[1]
-        assert "step 7" in msgs[1]
+        assert "numel=11" in msgs[0] and "local rank 2 called" in msgs[0], msgs[0]
+        assert "local rank(s) [0, 1] called allreduce(op='sum', dtype=float32, numel=10" in msgs[0]
+        assert "op='max'" in msgs[1] and "local rank 1 called" in msgs[1], msgs[1]
+        assert "signature=(7, 10)" in msgs[1]
         assert "numel=0" in msgs[2] and "numel=5000" in msgs[2], msgs[2]
-        assert msgs[3] == "ok"
+        assert msgs[3] == "explained: ranks [0, 1, 2] sent [(7, 0), (7, 1), (7, 2)]", msgs[3]
+        assert msgs[4] == "ok"
 
 
 def _victim_worker(rank: int, size: int, path: str, pids: list[int]) -> float:
@@ -296,6 +305,41 @@ def test_timeout_names_missing_rank(shm_path):
 
 
 @pytest.mark.timeout(30)
+def test_errors_name_the_given_ranks_and_generation(shm_path):
+    # local ranks 0, 1, 2 are ranks 4, 9, 11 of generation 5
+    with ShmAllreduce(shm_path, 0, 3, capacity_bytes=CAP, timeout=0.2, ranks=[4, 9, 11],
+                      generation=5) as eng:
+        with pytest.raises(WorkerLost, match=r"rank\(s\) \[9, 11\] \(local rank\(s\) \[1, 2\]\) "
+                                             r"did not arrive within 0.2s .*\(rank 4 \(local "
+                                             r"rank 0\) waited") as ei:
+            eng.barrier()
+        assert (ei.value.lost_ranks, ei.value.generation) == ([9, 11], 5)
+        with pytest.raises(WorkerLost, match="earlier failure") as ei:
+            eng.allreduce_(torch.ones(3), "sum")
+        assert (ei.value.lost_ranks, ei.value.generation) == ([9, 11], 5)
+        eng.unlink()
+    with ShmAllreduce(shm_path, 0, 2, capacity_bytes=CAP, timeout=20.0, generation=6,
+                      abort_check=lambda: "fenced") as eng:
+        with pytest.raises(WorkerLost, match="fenced") as ei:
+            eng.allreduce_(torch.ones(3), "sum")
+        assert ei.value.generation == 6
+        eng.unlink()
+    with pytest.raises(ConfigError, match=r"ranks=\[1\] must give one rank per local rank"):
+        ShmAllreduce(shm_path, 0, 2, capacity_bytes=CAP, timeout=1.0, ranks=[1])
+
+
+@pytest.mark.timeout(30)
+def test_single_rank_keeps_data_of_tensors_that_require_grad_and_nan(shm_path):
+    with ShmAllreduce(shm_path, 0, 1, capacity_bytes=CAP, timeout=1.0) as eng:
+        t = torch.tensor([1.0, float("nan"), -2.0], requires_grad=True)
+        eng.allreduce_(t, "max")
+        eng.broadcast_(t, 0)
+        assert t.requires_grad and t.is_leaf and t.grad is None
+        np.testing.assert_array_equal(t.detach().numpy(), [1.0, np.nan, -2.0])
+        eng.unlink()
+
+
+@pytest.mark.timeout(30)
 def test_abort_check_and_dead_pid(shm_path):
     with ShmAllreduce(shm_path, 0, 2, capacity_bytes=CAP, timeout=20.0,
                       abort_check=lambda: "group fenced by coordinator") as eng:
@@ -319,27 +363,27 @@ def test_abort_check_and_dead_pid(shm_path):
 
 @pytest.mark.timeout(30)
 def test_argument_validation(shm_path):
-    with pytest.raises(ValueError, match="local_rank"):
+    with pytest.raises(ConfigError, match="local_rank"):
         ShmAllreduce(shm_path, 2, 2, capacity_bytes=CAP, timeout=1.0)
-    with pytest.raises(ValueError, match="capacity_bytes"):
+    with pytest.raises(ConfigError, match="capacity_bytes"):
         ShmAllreduce(shm_path, 0, 2, capacity_bytes=0, timeout=1.0)
-    with pytest.raises(ValueError, match="peer_pids"):
+    with pytest.raises(ConfigError, match="peer_pids"):
         ShmAllreduce(shm_path, 0, 2, capacity_bytes=CAP, timeout=1.0, peer_pids=[1])
     with ShmAllreduce(shm_path, 0, 1, capacity_bytes=CAP, timeout=1.0) as eng:
         assert os.path.getsize(shm_path) == eng.total_bytes
-        with pytest.raises(ValueError, match="op="):
+        with pytest.raises(ConfigError, match="op="):
             eng.allreduce_(torch.ones(3), "mean")
-        with pytest.raises(ValueError, match="avg"):
+        with pytest.raises(ConfigError, match="avg"):
             eng.allreduce_(torch.ones(3, dtype=torch.int32), "avg")
-        with pytest.raises(ValueError, match="complex"):
+        with pytest.raises(ConfigError, match="complex"):
             eng.allreduce_(torch.ones(3, dtype=torch.complex64), "max")
-        with pytest.raises(ValueError, match="contiguous"):
+        with pytest.raises(ConfigError, match="contiguous"):
             eng.allreduce_(torch.ones(4, 4).t(), "sum")
-        with pytest.raises(ValueError, match="root"):
+        with pytest.raises(ConfigError, match="root"):
             eng.broadcast_(torch.ones(3), 1)
         t = torch.arange(3000.0)                  # a single rank: identity, in rounds
         eng.allreduce_(t, "avg")
         assert torch.equal(t, torch.arange(3000.0))
     # reopening a used segment is refused: its flags are not fresh
-    with pytest.raises(ValueError, match="stale"):
+    with pytest.raises(ConfigError, match="stale"):
         ShmAllreduce(shm_path, 0, 1, capacity_bytes=CAP, timeout=1.0)

@@ -402,3 +402,29 @@ def test_failed_reduction_keeps_local_grads_and_can_be_retried(
     assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
     monkeypatch.setattr(_comm, "allreduce_async_", w.allreduce_async_)
     opt.step()                                     # retried with the same local gradients
+
+
+def test_ranks_with_different_models_get_a_mismatch_naming_the_parameters(
+        world: Callable[[int], ThreadWorld]) -> None:
+    from phalanx.errors import CollectiveMismatch
+    w = world(2)
+
+    def rank_fn(r: int) -> str:
+        with _INIT_LOCK:
+            layers = [torch.nn.Linear(4, 3 if r == 0 else 5), torch.nn.Linear(3 if r == 0 else 5, 1)]
+            if r == 1:
+                layers.append(torch.nn.Linear(1, 1))
+            model = torch.nn.Sequential(*layers)
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+        try:  # raised at the step's first reduction: during backward, with overlap
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+        except CollectiveMismatch as e:
+            return str(e)
+        return "no error"
+
+    msgs = w.run(rank_fn)
+    assert msgs[0] == msgs[1], msgs
+    assert "'0.weight': shape (3, 4) float32 on rank(s) [0]; shape (5, 4) float32 on rank(s) [1]" \
+        in msgs[0], msgs[0]
+    assert "'2.weight': missing on rank(s) [0]" in msgs[0], msgs[0]

@@ -19,8 +19,9 @@ from phalanx.config import Config
 
 
 def run_ranks(n: int, fn: Callable[[Group], Any], *, algo: str = "gloo", timeout: float = 60,
-              **cfg: Any) -> list[Any]:
-    """Call fn(group) on n thread-ranks; return per-rank results (exceptions are returned)."""
+              generation: int = 1, **cfg: Any) -> list[Any]:
+    """Call fn(group) on n thread-ranks of one host; return per-rank results (exceptions are
+    returned). `coll_timeout` sets the collectives' timeout; other keywords go to Config."""
     store = dist.HashStore()
     job = f"test{uuid.uuid4().hex[:8]}"
     results: list[Any] = [None] * n
@@ -29,7 +30,7 @@ def run_ranks(n: int, fn: Callable[[Group], Any], *, algo: str = "gloo", timeout
     def body(r: int) -> None:
         group = None
         try:
-            place = Placement(generation=1, rank=r, size=n, local_rank=r, local_size=n,
+            place = Placement(generation=generation, rank=r, size=n, local_rank=r, local_size=n,
                               hosts=["h"] * n, pids=[os.getpid()] * n)
             group = Group(place, store, config, job_id=job)
             results[r] = fn(group)

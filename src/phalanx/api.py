@@ -1,11 +1,13 @@
 """The public collective API on torch tensors, numpy arrays and Python scalars.
 
 Each function returns the caller's type: a numpy array in, a numpy array out. In-place forms
-(trailing underscore) write into the given tensor or array and return it.
+(trailing underscore) write into the given tensor or array and return it. Python ints are
+reduced exactly: a sum or product past int64 raises instead of wrapping as tensors do.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -14,6 +16,7 @@ import torch
 
 from . import runtime
 from .comm import collectives as C
+from .comm.group import Group
 from .comm.work import Handle
 from .errors import ConfigError
 
@@ -45,6 +48,16 @@ def generation() -> int:
     return runtime.current().group.place.generation
 
 
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _scalar_kind(x: Any) -> str | None:
+    for kind in (bool, int, float, complex):        # bool first: it is an int too
+        if isinstance(x, kind):
+            return kind.__name__
+    return None
+
+
 def _to_tensor(x: Any, arg: str, op: str) -> tuple[torch.Tensor, str]:
     if isinstance(x, torch.Tensor):
         return (x if x.is_contiguous() else x.contiguous()), "torch"
@@ -55,10 +68,54 @@ def _to_tensor(x: Any, arg: str, op: str) -> tuple[torch.Tensor, str]:
         except TypeError:
             raise ConfigError(f"{op}: {arg} has numpy dtype {x.dtype}, which torch cannot hold; "
                               "cast it to a numeric dtype first") from None
-    if isinstance(x, (bool, int, float, complex)):
-        return torch.tensor(x), type(x).__name__
-    raise ConfigError(f"{op}: {arg} must be a torch.Tensor, numpy.ndarray or number, "
-                      f"got {type(x).__name__}")
+    kind = _scalar_kind(x)
+    if kind is None:
+        raise ConfigError(f"{op}: {arg} must be a torch.Tensor, numpy.ndarray or number, "
+                          f"got {type(x).__name__}")
+    if kind == "int" and not _I64_MIN <= x <= _I64_MAX:
+        raise ConfigError(f"{op}: {arg}={x} does not fit in int64 (-2**63 .. 2**63-1), the "
+                          "widest integer collectives carry; pass float(x) or smaller numbers")
+    # Python floats and complexes are double precision: reduce them as numpy would.
+    return torch.tensor(x, dtype=_SCALAR_DTYPES.get(kind)), kind
+
+
+_SCALAR_DTYPES = {"float": torch.float64, "complex": torch.complex128, "int": torch.int64}
+
+
+def _allreduce_int(g: Group, x: int, op: str, name: str | None) -> int:
+    """Reduce a Python int exactly: a sum or product outside int64 raises, never wraps."""
+    if op == "sum":
+        # Ranks sum the high and low 32-bit halves apart: neither sum can wrap (below 2**31
+        # ranks), so the total is exact and can be checked.
+        parts = torch.tensor([x >> 32, x & 0xFFFF_FFFF], dtype=torch.int64)
+        C.allreduce_(g, parts, "sum", name)
+        hi, lo = parts.tolist()
+        total = (hi << 32) + lo
+        shown = str(total)
+    elif op == "prod":
+        # The int64 product is exact modulo 2**64; the float64 product is within a tiny
+        # relative error, which picks the one candidate it can be (or proves overflow).
+        wrapped = torch.tensor([x], dtype=torch.int64)
+        approx = torch.tensor([float(x)], dtype=torch.float64)
+        C.allreduce_(g, wrapped, "prod", name)
+        C.allreduce_(g, approx, "prod", name)
+        w, est = int(wrapped.item()), float(approx.item())
+        shown = f"about {est:.4g}"
+        if math.isnan(est):                 # 0 * inf: one factor is 0, and so is the product
+            total = w
+        elif math.isinf(est) or abs(est) >= 2.0 ** 64:
+            total = _I64_MAX + 1
+        else:
+            total = w + round((est - w) / 2.0 ** 64) * (1 << 64)
+    else:
+        t = torch.tensor(x)
+        C.allreduce_(g, t, op, name)
+        return int(t.item())
+    if not _I64_MIN <= total <= _I64_MAX:
+        raise ConfigError(f"allreduce(op={op!r}) of Python ints: the result ({shown}) does not "
+                          "fit in int64; pass floats to reduce in float64, or reduce an int64 "
+                          "tensor or array to wrap around instead")
+    return total
 
 
 def _back(t: torch.Tensor, kind: str) -> Any:
@@ -79,10 +136,17 @@ def _write_back(x: Any, t: torch.Tensor) -> Any:
 
 
 def allreduce(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> ArrayLike:
-    """Reduce `x` across ranks (op: sum, avg, min, max, prod); `x` is left unchanged."""
+    """Reduce `x` across ranks (op: sum, avg, min, max, prod); `x` is left unchanged.
+
+    A Python int is reduced exactly: a sum or product outside int64 raises ConfigError
+    (tensors and arrays wrap around, as torch and numpy do).
+    """
     t, kind = _to_tensor(x, "x", "allreduce")
-    t = t.clone()
     g = runtime.current().group
+    if kind == "int":
+        exact = g.run("allreduce", lambda: _allreduce_int(g, int(x), op, name))
+        return exact  # type: ignore[return-value]
+    t = t.clone()
     return _back(g.run("allreduce", lambda: C.allreduce_(g, t, op, name)), kind)
 
 
@@ -114,8 +178,11 @@ class _Converted(Handle[Any]):
 def allreduce_async(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> Handle[Any]:
     """Start an allreduce of a copy of `x`; `handle.wait()` returns the result."""
     t, kind = _to_tensor(x, "x", "allreduce_async")
-    t = t.clone()
     g = runtime.current().group
+    if kind == "int":
+        value = int(x)  # type: ignore[arg-type]
+        return g.submit("allreduce", lambda: _allreduce_int(g, value, op, name))
+    t = t.clone()
     inner = g.submit("allreduce", lambda: C.allreduce_(g, t, op, name))
     return _Converted(inner, lambda r: _back(r, kind))
 

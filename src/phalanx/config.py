@@ -56,6 +56,13 @@ class Config:
         if self.shm_max_bytes < 4096:
             raise ConfigError(f"shm_max_bytes={self.shm_max_bytes} is too small; use at least 4096")
 
+    @property
+    def backstop(self) -> float:
+        """How long the data plane itself waits for a peer. The coordinator declares a peer
+        that never arrives lost after `timeout` (and fences it); this later deadline is only
+        the fallback for when the coordinator cannot help."""
+        return self.timeout + self.heartbeat_timeout
+
     @classmethod
     def from_env(cls, **overrides: object) -> Config:
         """Defaults, then PHALANX_* environment variables, then explicit keyword overrides."""

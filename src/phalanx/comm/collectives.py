@@ -2,7 +2,9 @@
 
 Tensors here are already contiguous torch tensors; `phalanx.api` converts numpy arrays and
 picks the current group. Transport-only collectives (allgather, broadcast, alltoall) move raw
-bytes, so every dtype works; reductions widen or fall back where Gloo lacks a kernel.
+bytes, so every dtype works; reductions widen or fall back where Gloo lacks a kernel. Every path
+gives the same results and errors: a tensor that requires grad is reduced as data, min/max
+propagate NaN as numpy's np.minimum/np.maximum do, and a mismatch reads the same everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ from . import ops
 from .group import Group
 
 
+# Float dtype -> (same-width int dtype, mask flipping all but the sign bit) for `_minmax_keys_`.
+_ORDER_KEYS: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.float32: (torch.int32, 0x7FFF_FFFF), torch.float64: (torch.int64, (1 << 63) - 1),
+    torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF)}
+
+
+def _data(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's data without autograd (same storage): collectives move data, as Gloo does."""
+    return t.detach() if t.requires_grad else t
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor (for transport that ignores dtype)."""
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
@@ -37,10 +50,31 @@ def _local_reduce(stack: torch.Tensor, op: str) -> torch.Tensor:
     return stack.amin(0) if op == "min" else stack.amax(0)
 
 
+def _minmax_keys_(g: Group, t: torch.Tensor, op: str) -> None:
+    """Min/max of floats with NaN propagating (Gloo's kernels drop NaN).
+
+    Reduces order-preserving integer keys instead: a float's bits as a signed int, with all but
+    the sign bit flipped when negative, order like the floats; NaN gets the key that wins.
+    """
+    itype, mask = _ORDER_KEYS[t.dtype]
+    bits = t.view(itype)
+    if itype == torch.int16:
+        bits = bits.to(torch.int32)         # Gloo has no int16 kernel; widening keeps order
+    key = torch.where(bits < 0, bits ^ mask, bits)
+    info = torch.iinfo(itype)
+    key.masked_fill_(torch.isnan(t), info.max if op == "max" else info.min)
+    g.wait(g.pg.allreduce([key], ops.GLOO_REDUCE[op]))
+    bits = torch.where(key < 0, key ^ mask, key)   # the map is its own inverse
+    t.copy_((bits.to(itype) if itype == torch.int16 else bits).view(t.dtype))
+
+
 def _gloo_allreduce_(g: Group, t: torch.Tensor, op: str) -> None:
     if t.numel() == 0:
         return
     dtype = t.dtype
+    if op in ("min", "max") and dtype in _ORDER_KEYS:
+        _minmax_keys_(g, t, op)
+        return
     if dtype in ops.GLOO_NATIVE:
         g.wait(g.pg.allreduce([t], ops.GLOO_REDUCE[op]))
     elif dtype == torch.int16:
@@ -65,30 +99,33 @@ def _gloo_allreduce_(g: Group, t: torch.Tensor, op: str) -> None:
 
 
 def allreduce_(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
-    """Reduce `t` in place across ranks."""
+    """Reduce `t` in place across ranks (its data: autograd does not see the reduction)."""
     ops.check_op(op, t.dtype)
     sig = ops.signature("allreduce", op=op, dtype=t.dtype, shape=t.shape, name=name)
+    if g.shm is not None and not t.is_cuda:
+        # The engine always compares its own words (kind, op, dtype, numel); ours only when
+        # checks are on, as on the Gloo path.
+        g.shm.allreduce_(t, op, sig if g.config.check_collectives else ())
+        return t
+    data = _data(t)
     if t.is_cuda:
         g.agree(sig)
         nccl = g.nccl()
-        g.wait(nccl.allreduce([t], ops.GLOO_REDUCE[op]))
+        g.wait(nccl.allreduce([data], ops.GLOO_REDUCE[op]))
         if op == "avg":
-            t.div_(g.place.size)
-        return t
-    if g.shm is not None:
-        g.shm.allreduce_(t, op, sig, describe=ops.describe)
+            data.div_(g.place.size)
         return t
     g.agree(sig)
-    _gloo_allreduce_(g, t, op)
+    _gloo_allreduce_(g, data, op)
     return t
 
 
 def allgather(g: Group, t: torch.Tensor, name: str | None) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0; first dims may differ."""
+    t = _data(t)
     if t.dim() == 0:
         t = t.reshape(1)
-    sigs = g.agree(ops.signature("allgather", dtype=t.dtype, shape=t.shape, name=name,
-                                 skip_dim0=True), skip_dim0=True)
+    sigs = g.agree(ops.signature("allgather", dtype=t.dtype, shape=t.shape, name=name))
     rows = [s[-1] for s in sigs]  # dim 0 of each rank rides on the signature exchange
     rest = tuple(t.shape[1:])
     top = max(rows)
@@ -110,13 +147,13 @@ def broadcast_(g: Group, t: torch.Tensor, root: int, name: str | None) -> torch.
     """Copy root's tensor into `t` on every rank."""
     _check_root(g, root)
     sig = ops.signature("broadcast", dtype=t.dtype, shape=t.shape, root=root, name=name)
-    if g.shm is not None and not t.is_cuda and hasattr(g.shm, "broadcast_"):
-        g.shm.broadcast_(t, root, sig, describe=ops.describe)
+    if g.shm is not None and not t.is_cuda:
+        g.shm.broadcast_(t, root, sig if g.config.check_collectives else ())
         return t
     g.agree(sig)
     if t.numel():
         pg = g.nccl() if t.is_cuda else g.pg
-        g.wait(pg.broadcast(_bytes(t), root))
+        g.wait(pg.broadcast(_bytes(_data(t)), root))
     return t
 
 
@@ -125,7 +162,7 @@ def reducescatter(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch
     when dim 0 does not divide evenly, as torch.tensor_split does)."""
     if t.dim() == 0:
         raise ConfigError("reducescatter needs a tensor with at least one dimension, got a scalar")
-    full = allreduce_(g, t.clone(), op, name)
+    full = allreduce_(g, _data(t).clone(), op, name)
     return full.tensor_split(g.place.size)[g.place.rank].clone()
 
 
@@ -133,6 +170,7 @@ def alltoall(g: Group, t: torch.Tensor, splits: Sequence[int] | None,
              name: str | None) -> tuple[torch.Tensor, list[int]]:
     """Send `splits[j]` rows of dim 0 to rank j; return what was received and from whom."""
     n = g.place.size
+    t = _data(t)
     if t.dim() == 0:
         raise ConfigError("alltoall needs a tensor with at least one dimension, got a scalar")
     if splits is None:
@@ -145,8 +183,7 @@ def alltoall(g: Group, t: torch.Tensor, splits: Sequence[int] | None,
         if len(send) != n or any(s < 0 for s in send) or sum(send) != t.shape[0]:
             raise ConfigError(f"alltoall: splits={list(splits)} must be {n} non-negative counts "
                               f"summing to dim 0 ({t.shape[0]})")
-    g.agree(ops.signature("alltoall", dtype=t.dtype, shape=t.shape, name=name, skip_dim0=True),
-            skip_dim0=True)
+    g.agree(ops.signature("alltoall", dtype=t.dtype, shape=t.shape, name=name))
     matrix = torch.empty(n * n, dtype=torch.int64)
     g.wait(g.pg._allgather_base(matrix, torch.tensor(send, dtype=torch.int64)))
     recv = matrix.view(n, n)[:, g.place.rank].tolist()
@@ -166,9 +203,6 @@ def alltoall(g: Group, t: torch.Tensor, splits: Sequence[int] | None,
 
 def barrier(g: Group) -> None:
     """Wait until every rank arrives."""
-    if g.shm is not None:
-        g.shm.barrier()
-        return
     g.agree(ops.signature("barrier"))
 
 
@@ -183,6 +217,26 @@ def _seal(obj: Any, key: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest() + data
 
 
+def _try_seal(obj: Any, key: bytes) -> tuple[bytes, Exception | None]:
+    """(sealed pickle, None), or (the error's text, the error) if `obj` cannot be pickled.
+
+    Objects are pickled before anything is sent, so a failure is announced to the peers in
+    place of the data (a negative length) instead of leaving them waiting for it.
+    """
+    try:
+        return _seal(obj, key), None
+    except Exception as e:  # pickling runs arbitrary __reduce__ code: any error is possible
+        return f"{type(e).__name__}: {e}"[:2000].encode(errors="replace"), e
+
+
+def _unpicklable(what: str, failed: list[tuple[int, str]]) -> ConfigError:
+    ranks = [r for r, _ in failed]
+    detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+    return ConfigError(f"{what}: the object of rank(s) {ranks} cannot be pickled ({detail}); "
+                       "pass picklable objects (no locks, sockets, open files or generators), "
+                       "or send their state instead. The group is still usable")
+
+
 def _open(blob: bytes, key: bytes, rank: int) -> Any:
     tag, data = blob[:32], blob[32:]
     if not hmac.compare_digest(tag, hmac.new(key, data, hashlib.sha256).digest()):
@@ -192,29 +246,46 @@ def _open(blob: bytes, key: bytes, rank: int) -> Any:
 
 
 def broadcast_object(g: Group, obj: Any, root: int, key: bytes) -> Any:
-    """Root's picklable object on every rank (HMAC-checked before unpickling)."""
+    """Root's picklable object on every rank (HMAC-checked before unpickling).
+
+    If root cannot pickle it, every rank raises ConfigError naming root and the error.
+    """
     _check_root(g, root)
+    is_root = g.place.rank == root
+    blob, error = _try_seal(obj, key) if is_root else (b"", None)
     g.agree(ops.signature("broadcast_object", root=root))
-    blob = _seal(obj, key) if g.place.rank == root else b""
-    length = torch.tensor([len(blob)], dtype=torch.int64)
+    length = torch.tensor([-len(blob) if error else len(blob)], dtype=torch.int64)
     g.wait(g.pg.broadcast(length, root))
-    buf = (torch.frombuffer(bytearray(blob), dtype=torch.uint8) if g.place.rank == root
-           else torch.empty(int(length.item()), dtype=torch.uint8))
+    n = int(length.item())
+    buf = (torch.frombuffer(bytearray(blob), dtype=torch.uint8) if is_root
+           else torch.empty(abs(n), dtype=torch.uint8))
     g.wait(g.pg.broadcast(buf, root))
-    return obj if g.place.rank == root else _open(buf.numpy().tobytes(), key, root)
+    if n < 0:
+        reason = buf.numpy().tobytes().decode(errors="replace")
+        raise _unpicklable("broadcast_object", [(root, reason)]) from error
+    return obj if is_root else _open(buf.numpy().tobytes(), key, root)
 
 
 def allgather_object(g: Group, obj: Any, key: bytes) -> list[Any]:
-    """Every rank's picklable object, in rank order (HMAC-checked before unpickling)."""
+    """Every rank's picklable object, in rank order (HMAC-checked before unpickling).
+
+    If any rank cannot pickle its object, every rank raises ConfigError naming those ranks.
+    """
+    blob, error = _try_seal(obj, key)
     g.agree(ops.signature("allgather_object"))
-    blob = _seal(obj, key)
     sizes = torch.empty(g.place.size, dtype=torch.int64)
-    g.wait(g.pg._allgather_base(sizes, torch.tensor([len(blob)], dtype=torch.int64)))
-    top = int(sizes.max().item())
+    g.wait(g.pg._allgather_base(sizes, torch.tensor([-len(blob) if error else len(blob)],
+                                                    dtype=torch.int64)))
+    lengths = [abs(n) for n in sizes.tolist()]
+    top = max(lengths)
     mine = torch.zeros(top, dtype=torch.uint8)
     mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     out = torch.empty(top * g.place.size, dtype=torch.uint8)
     g.wait(g.pg._allgather_base(out, mine))
     raw = out.numpy().tobytes()
-    return [obj if r == g.place.rank else _open(raw[r * top: r * top + int(sizes[r])], key, r)
-            for r in range(g.place.size)]
+    parts = [raw[r * top: r * top + n] for r, n in enumerate(lengths)]
+    failed = [(r, parts[r].decode(errors="replace")) for r, n in enumerate(sizes.tolist())
+              if n < 0]
+    if failed:
+        raise _unpicklable("allgather_object", failed) from error
+    return [obj if r == g.place.rank else _open(parts[r], key, r) for r in range(g.place.size)]

@@ -2,12 +2,14 @@
 
 A `Group` is built after each rendezvous and thrown away when membership changes. It runs
 every collective through one ordered executor, checks signatures across ranks (so a mismatch
-fails on every rank instead of hanging), and turns transport failures into `WorkerLost`.
+fails on every rank instead of hanging), and turns transport failures into `WorkerLost`, which
+always names global ranks and carries the generation, whichever path failed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..launch.shmfiles import segment_path
 from ..errors import CollectiveMismatch, PhalanxError, WorkerLost
 from . import ops
+from .shmnames import segment_path
 from .work import Handle, OrderedExecutor
 
 if TYPE_CHECKING:
@@ -58,7 +60,9 @@ class Group:
         self._abort_check = abort_check
         self._lost_ranks = status
         self.broken: str | None = None
-        timeout = timedelta(seconds=config.timeout)
+        self._started = 0
+        self._since: float | None = None
+        timeout = timedelta(seconds=config.backstop)
         opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=config.bind_addr)]
         opts._timeout = timeout
@@ -86,11 +90,15 @@ class Group:
     def _open_shm(self) -> None:
         from .shm import ShmAllreduce
         me = self.place.hosts[self.place.rank]
-        peers = [p for p, h in zip(self.place.pids, self.place.hosts) if h == me]
+        # Local rank q on this host is the q-th rank i with hosts[i] == this host.
+        host_ranks = [i for i, h in enumerate(self.place.hosts) if h == me]
         self.shm = ShmAllreduce(self.shm_path, self.place.local_rank, self.place.local_size,
                                 capacity_bytes=self.config.shm_max_bytes,
-                                timeout=self.config.timeout, peer_pids=peers,
-                                abort_check=self._abort_check)
+                                timeout=self.config.backstop,
+                                peer_pids=[self.place.pids[i] for i in host_ranks],
+                                abort_check=self._abort_check, ranks=host_ranks,
+                                generation=self.place.generation,
+                                explain=ops.mismatch_message)
         # Once every rank has mapped the segment its name can go: nothing leaks on a crash.
         try:
             self.wait(self.pg.barrier())
@@ -123,10 +131,14 @@ class Group:
         if self.broken:
             raise WorkerLost(f"{what}: generation {self.place.generation} is broken "
                              f"({self.broken}); re-form the group", generation=self.place.generation)
+        self._started += 1
+        self._since = time.monotonic()
         try:
             return fn()
         except WorkerLost as e:
             self.broken = str(e)
+            if e.generation is None:
+                e.generation = self.place.generation
             raise
         except TransportError as e:
             lost = self._lost_ranks() if self._lost_ranks else []
@@ -135,6 +147,14 @@ class Group:
             raise WorkerLost(f"{what} failed on rank {self.place.rank}: {who} of generation "
                              f"{self.place.generation} died, stopped or was cut off ({e})",
                              lost_ranks=lost, generation=self.place.generation) from e
+        finally:
+            self._since = None
+
+    def progress(self) -> tuple[int, float]:
+        """(collectives started in this generation, seconds the current one has taken so far):
+        the heartbeat carries it, so the coordinator can tell a rank its peers wait on."""
+        since = self._since
+        return self._started, (time.monotonic() - since) if since is not None else 0.0
 
     def run(self, what: str, fn: Callable[[], T]) -> T:
         """Run a collective now, in issue order."""
@@ -151,17 +171,24 @@ class Group:
         except RuntimeError as e:
             raise TransportError(str(e)) from e
 
-    def agree(self, sig: tuple[int, ...], skip_dim0: bool = False) -> list[tuple[int, ...]]:
-        """Exchange signatures; raise CollectiveMismatch on every rank if they differ."""
+    def agree(self, sig: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Exchange signatures (`ops.signature`); raise CollectiveMismatch on every rank if they
+        differ. Returns every rank's, in rank order (the last slot may differ: ops.DIM0_FREE).
+
+        With shared memory the exchange goes through the segment, the channel the shm
+        collectives check theirs on, so every mix of collectives fails with the same message.
+        """
         reason = self._abort_check() if self._abort_check else None
         if reason:
             raise WorkerLost(reason, generation=self.place.generation)
+        if self.shm is not None:
+            return self.shm.exchange(sig, ignore_last=True, check=self.config.check_collectives)
         mine = torch.tensor(sig, dtype=torch.int64)
         out = torch.empty(self.place.size * len(sig), dtype=torch.int64)
         self.wait(self.pg._allgather_base(out, mine))
         sigs = [tuple(int(v) for v in row) for row in out.view(self.place.size, len(sig)).tolist()]
         if self.config.check_collectives:
-            msg = ops.mismatch_message(sigs, skip_dim0)
+            msg = ops.mismatch_message(sigs)
             if msg:
                 raise CollectiveMismatch(msg)
         return sigs
@@ -176,7 +203,7 @@ class Group:
                      if hasattr(self._store, "_client") else dist.PrefixStore("nccl", self._store))
             torch.cuda.set_device(self.place.local_rank % max(1, torch.cuda.device_count()))
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timedelta(seconds=self.config.timeout)
+            opts._timeout = timedelta(seconds=self.config.backstop)
             self._nccl = dist.ProcessGroupNCCL(store, self.place.rank, self.place.size, opts)
         return self._nccl
 

@@ -377,6 +377,9 @@ class Membership(StoreOps):
             return
         prev = self.world.workers if self.world else []
         chosen = [self.members[w] for w in decision.members]
+        # Live members of the last generation that did not come within the settle time (hung
+        # in user code, say) are lost: fence them, or they would linger and hold the job.
+        late = [w for w in prev if self.members[w].alive and w not in decision.members]
         order = policy.order_world(chosen, prev)
         gen = (self.world.generation if self.world else 0) + 1
         self.world = World(generation=gen, workers=order,
@@ -392,6 +395,9 @@ class Membership(StoreOps):
         self._event("generation", generation=gen, workers=order, reason=decision.reason)
         log.info("generation %d formed with %d workers: %s", gen, len(order), decision.reason)
         self.cv.notify_all()
+        for w in late:
+            self.declare_lost(w, f"did not re-form with its peers within {self.settle:.1f}s; "
+                              f"generation {gen} formed without it")
 
     def _assignment(self, w: World, worker: str) -> dict[str, Any]:
         rank = w.workers.index(worker)

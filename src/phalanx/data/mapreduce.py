@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from ..comm.names import REDUCE_OPS
 from ..errors import CollectiveMismatch, ConfigError
 from . import _collective
 from .dataset import SplitDataset, is_torch
 from .partition import PartitionedDataset
 
-REDUCE_OPS = ("sum", "min", "max", "avg", "prod")
 _NUMPY_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "sum": operator.add, "avg": operator.add, "prod": operator.mul,
     "min": np.minimum, "max": np.maximum}

@@ -1,20 +1,20 @@
-"""Names of a job's shared-memory segments, and their removal when the job ends (no torch)."""
+"""Removal of a job's shared-memory segments when the job ends (no torch).
+
+The segment names live in `phalanx.comm.shmnames` (torch-free), next to the code that makes them.
+"""
 
 from __future__ import annotations
 
 import os
 
-SHM_DIR = "/dev/shm"
+from ..comm.shmnames import SHM_DIR, job_prefix, segment_path
 
-
-def segment_path(job_id: str, generation: int) -> str:
-    """Path of one generation's intra-host segment."""
-    return os.path.join(SHM_DIR, f"phalanx-{job_id}-g{generation}")
+__all__ = ["SHM_DIR", "cleanup", "segment_path"]
 
 
 def cleanup(job_id: str) -> int:
     """Remove every shared-memory segment of a job; returns how many were removed."""
-    prefix = f"phalanx-{job_id}-"
+    prefix = job_prefix(job_id)
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     **{n: "phalanx.api" for n in (
-        "rank", "size", "local_rank", "local_size", "generation", "allreduce", "allreduce_",
+        "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size", "generation", "allreduce", "allreduce_",
         "allreduce_async", "allreduce_async_", "allgather", "allgather_async", "broadcast",
         "broadcast_", "reducescatter", "alltoall", "barrier", "broadcast_object",
         "allgather_object")},
@@ -38,7 +38,8 @@ __all__ = [
     "PhalanxError", "RendezvousError", "WorkerLost", "allgather", "allgather_async",
     "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "alltoall", "barrier", "broadcast", "broadcast_", "broadcast_object",
-    "broadcast_optimizer_state", "broadcast_parameters", "data", "elastic", "generation", "init",
+    "broadcast_optimizer_state", "broadcast_parameters", "cross_rank", "cross_size", "data",
+    "elastic", "generation", "init",
     "is_initialized", "local_rank", "local_size", "rank", "reducescatter", "shutdown", "size",
 ]
 
@@ -60,8 +61,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static names for type checkers and IDEs
     from .api import (allgather, allgather_async, allgather_object, allreduce, allreduce_,
                       allreduce_async, allreduce_async_, alltoall, barrier, broadcast, broadcast_,
-                      broadcast_object, generation, local_rank, local_size, rank, reducescatter,
-                      size)
+                      broadcast_object, cross_rank, cross_size, generation, local_rank,
+                      local_size, rank, reducescatter, size)
     from .comm.work import Handle
     from .config import Config
     from .errors import (CollectiveMismatch, ConfigError, PhalanxError, RendezvousError,

@@ -43,6 +43,16 @@ def local_size() -> int:
     return runtime.current().group.place.local_size
 
 
+def cross_rank() -> int:
+    """This worker's host among the hosts with a worker of its local rank (as in Horovod)."""
+    return runtime.current().group.place.cross_rank
+
+
+def cross_size() -> int:
+    """Number of hosts with a worker of this worker's local rank (as in Horovod)."""
+    return runtime.current().group.place.cross_size
+
+
 def generation() -> int:
     """Membership generation; changes whenever the set of workers changes."""
     return runtime.current().group.place.generation

@@ -43,6 +43,26 @@ class Placement:
     hosts: list[str]
     pids: list[int]
 
+    @property
+    def cross_rank(self) -> int:
+        """Index of this host among the hosts that have a worker of this local rank (Horovod's
+        cross_rank): the rank in the group that links the hosts' local rank r workers."""
+        return self._cross().index(self.rank)
+
+    @property
+    def cross_size(self) -> int:
+        """How many hosts have a worker of this local rank (Horovod's cross_size)."""
+        return len(self._cross())
+
+    def _cross(self) -> list[int]:
+        """Global ranks with this worker's local rank, one per host, in host order."""
+        seen: dict[str, int] = {}
+        local: list[int] = []
+        for h in self.hosts:
+            local.append(seen.get(h, 0))
+            seen[h] = local[-1] + 1
+        return [i for i, q in enumerate(local) if q == self.local_rank]
+
 
 class TransportError(RuntimeError):
     """A process-group operation failed in transport (peer gone, connection reset, timeout)."""

@@ -154,7 +154,7 @@ def allreduce(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> Arra
     t, kind = _to_tensor(x, "x", "allreduce")
     g = runtime.current().group
     if kind == "int":
-        exact = g.run("allreduce", lambda: _allreduce_int(g, int(x), op, name))
+        exact = g.run("allreduce", lambda: _allreduce_int(g, int(x), op, name))  # type: ignore[call-overload]
         return exact  # type: ignore[return-value]
     t = t.clone()
     return _back(g.run("allreduce", lambda: C.allreduce_(g, t, op, name)), kind)
@@ -190,7 +190,7 @@ def allreduce_async(x: ArrayLike, op: str = "sum", *, name: str | None = None) -
     t, kind = _to_tensor(x, "x", "allreduce_async")
     g = runtime.current().group
     if kind == "int":
-        value = int(x)  # type: ignore[arg-type]
+        value = int(x)  # type: ignore[call-overload]
         return g.submit("allreduce", lambda: _allreduce_int(g, value, op, name))
     t = t.clone()
     inner = g.submit("allreduce", lambda: C.allreduce_(g, t, op, name))

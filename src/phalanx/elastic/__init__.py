@@ -23,7 +23,8 @@ _EXPORTS = {
     "register_handler": "handlers",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Checkpointer", "Handler", "MembershipChanged", "ProgressLost", "RNGState", "State",
+           "Stateful", "recover", "reform", "register_handler", "run"]
 
 
 def __getattr__(name: str) -> Any:

@@ -73,11 +73,13 @@ def generation() -> int:
 
 
 def check_live() -> None:
-    """Raise WorkerLost if this generation can no longer commit a step: a peer was declared
+    """Raise WorkerLost if this generation can no longer complete a step: a peer was declared
     lost, or this worker was fenced or cut off from the coordinator."""
     from .. import runtime
     from ..errors import WorkerLost
     rt = runtime.active()
-    reason = rt.client.abort_reason() if rt is not None and rt.client is not None else None
+    if rt is None or rt.client is None:
+        return
+    reason = rt.client.abort_reason()
     if reason:
-        raise WorkerLost(f"not applying this step: {reason}", generation=rt.group.place.generation)
+        raise WorkerLost(f"not starting this step: {reason}", generation=rt.group.place.generation)

@@ -8,6 +8,7 @@ partition from its lineage) and fit again on the whole data.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -34,28 +35,29 @@ def fit_elastic(estimator: E, data: PartitionedDataset, *, max_recoveries: int =
                           "PartitionedDataset(FileDataset(path))")
     from ... import api
     from ...elastic.loop import reform
-    fit = getattr(estimator, "fit")
     for attempt in range(max_recoveries + 1):
         try:
-            fit(data)
+            estimator.fit(data)  # type: ignore[attr-defined]
             return estimator
         except WorkerLost as e:
             if attempt == max_recoveries:
                 raise
             info: dict[str, Any] = {"reported": list(e.lost_ranks)}
-
-            def heal(origin: Any) -> str:
-                # Survivors agree on who left from who is here: e.lost_ranks can be empty when
-                # the collective failed before the coordinator noticed the death.
-                alive = api.allgather_object(origin.rank)
-                lost = sorted(set(range(origin.size)) - set(alive))
-                adopted = data.reassign(api.rank(), api.size(), lost_ranks=lost)
-                info.update(old_rank=origin.rank, old_world=origin.size, rank=api.rank(),
-                            world=api.size(), lost=lost, adopted=adopted)
-                return f"adopted the splits of lost rank(s) {lost}"
-
-            reform(e, heal)
+            reform(e, functools.partial(_adopt_lost_splits, data, info))
             log.warning("fit lost rank(s) %s; refitting on %d workers", info["lost"], api.size())
             if on_recovery is not None:
                 on_recovery(info)
     raise RuntimeError("unreachable: the loop returns or raises")
+
+
+def _adopt_lost_splits(data: PartitionedDataset, info: dict[str, Any], origin: Any) -> str:
+    """The heal of a fit: survivors agree on who left from who is here (a WorkerLost's
+    lost_ranks can be empty when the collective failed before the coordinator noticed the
+    death) and take over the lost ranks' splits, re-read from source."""
+    from ... import api
+    alive = api.allgather_object(origin.rank)
+    lost = sorted(set(range(origin.size)) - set(alive))
+    adopted = data.reassign(api.rank(), api.size(), lost_ranks=lost)
+    info.update(old_rank=origin.rank, old_world=origin.size, rank=api.rank(), world=api.size(),
+                lost=lost, adopted=adopted)
+    return f"adopted the splits of lost rank(s) {lost}"

@@ -65,8 +65,10 @@ def _open(addr: str, secret: str, connect_timeout: float) -> Channel:
 class CoordClient:
     """One worker's link to the coordinator. Thread-safe; store calls block the calling thread."""
 
-    def __init__(self, addr: str, secret: str, worker: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, addr: str, secret: str, worker: str, *, connect_timeout: float = 10.0,
+                 reply_timeout: float = 30.0) -> None:
         self.addr = addr
+        self.reply_timeout = reply_timeout
         self.worker = worker
         self._secret = secret
         self._connect_timeout = connect_timeout
@@ -107,11 +109,17 @@ class CoordClient:
             raise RendezvousError(f"coordinator refused hello: {reply.get('error')}")
 
     def request(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        """Send one request and wait for its reply: at most the request's own `timeout` (for
+        blocking ops) plus `reply_timeout`, so a cut-off coordinator cannot hang the caller."""
+        wait = header.get("timeout")
+        limit = (float(wait) if isinstance(wait, (int, float)) else 0.0) + self.reply_timeout
         with self._lock:
             try:
                 self._chan.send(header, payload)
-                reply, data = self._chan.recv()
+                reply, data = self._chan.recv(deadline=time.monotonic() + limit)
             except (ConnectionError, OSError) as e:
+                if isinstance(e, TimeoutError):  # a late reply would desynchronise the channel
+                    self._chan.sock.close()
                 raise RendezvousError(f"lost the coordinator at {self.addr} during "
                                       f"{header.get('op')!r}: {e}") from None
         return reply, data

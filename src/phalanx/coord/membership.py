@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import policy
+from .starters import StarterOps
 from .store_ops import BadRequest, StoreOps, _int, _seconds, _str
 
 log = logging.getLogger("phalanx.coord")
@@ -35,7 +36,7 @@ class World:
     formed_at: float = field(default_factory=time.monotonic)
 
 
-class Membership(StoreOps):
+class Membership(StoreOps, StarterOps):
     """Who is in the job, which generation is current, and the generation-scoped store."""
 
     def __init__(self, *, target_np: int, min_np: int, max_np: int, heartbeat_timeout: float,
@@ -63,7 +64,10 @@ class Membership(StoreOps):
         self.version = 0
         """Bumped on every change a heartbeat should hear of at once (loss, generation...)."""
         self.starters: dict[str, str] = {}
+        """Worker id -> the starter (agent, `phalanx join`) that fences it when it is lost."""
         self.orders: dict[str, list[tuple[str, int]]] = {}
+        self.spawns: dict[str, list[tuple[int, str]]] = {}
+        self.exits: list[dict[str, Any]] = []
         self.stopped_reports: dict[str, float] = {}
         self.fail_on_error = True
         """An exception a worker reports fails the job at once (no new generation forms)."""
@@ -114,6 +118,21 @@ class Membership(StoreOps):
                 self.fence(worker, pid, urgent)
             except Exception:  # fencing is best effort; the peer may be gone already
                 log.exception("fencing worker %s failed", worker)
+
+    def declare_hosts_lost(self, workers: list[str], reason: str) -> None:
+        """Every worker of a host is gone at once (its agent died): one loss, one new
+        generation, not one per worker. Nobody is left there to fence them."""
+        with self.cv:
+            gone = [w for w in workers if w in self.members and self.members[w].alive]
+            for w in gone:
+                self.members[w].alive = self.members[w].waiting = False
+            if self.world and any(w in self.world.workers for w in gone):
+                self.broken.add(self.world.generation)
+            if gone:
+                self._event("lost", workers=gone, reason=reason)
+            self.cv.notify_all()
+        if gone and not self._quiet:
+            log.warning("%s: worker(s) %s lost", reason, ", ".join(gone))
 
     def is_lost(self, worker: str) -> bool:
         """True if the coordinator declared this worker lost (not if it left cleanly)."""
@@ -299,26 +318,6 @@ class Membership(StoreOps):
             self.max_step = step
             self._event("rebased", step=step)
         return {"ok": True}, b""
-
-    def _op_watch(self, h: dict[str, Any], _: bytes) -> Reply:
-        """A starter elsewhere (an agent, `phalanx join`) waits for fence orders for its
-        workers and reports which of them are stopped (SIGSTOP: state T)."""
-        starter, stopped = _str(h, "starter", 256), h.get("stopped", [])
-        if not isinstance(stopped, list) or not all(isinstance(w, str) for w in stopped):
-            raise BadRequest("field 'stopped' must be a list of worker ids")
-        deadline = time.monotonic() + min(_seconds(h, "timeout", 1.0), 5.0)
-        with self.cv:
-            now = time.monotonic()
-            for w in stopped[:1024]:
-                if self.starters.get(w) == starter:
-                    self.stopped_reports[w] = now
-            while not self.orders.get(starter) and not self._stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            orders = self.orders.pop(starter, [])
-        return {"ok": True, "fence": [list(o) for o in orders], "failed": self.failed}, b""
 
     def _op_rendezvous(self, h: dict[str, Any], _: bytes) -> Reply:
         worker, after = _str(h, "worker", 256), _int(h, "after", 0)

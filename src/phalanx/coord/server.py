@@ -334,7 +334,7 @@ class CoordServer:
         if not isinstance(op, str):
             return {"ok": False, "error": "field 'op' must be a string naming an operation, got "
                     f"{type(op).__name__}"}, b""
-        field = "starter" if op == "watch" else "worker" if op in _SPEAKS_FOR else None
+        field = "starter" if op in ("watch", "exited") else "worker" if op in _SPEAKS_FOR else None
         if field is not None and h.get(field) != speaks_for:
             return {"ok": False, "error": f"{op!r} for {str(h.get(field))[:64]!r} refused: this "
                     "connection's hello named another worker"}, b""

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-BENCHES = ("allreduce", "train", "recovery", "iterative")
+BENCHES = ("allreduce", "train", "recovery", "iterative", "soak")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,8 +33,8 @@ def _run_parser() -> _Parser:
                "  phalanx run -np 4 --min-np 2 --max-restarts 3 train.py\n"
                "  phalanx run -np 4 --chaos kill:rank=2,step=40 train.py",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-np", "--np", type=int, default=1, metavar="N",
-                   help="number of workers to start (default 1)")
+    p.add_argument("-np", "--np", type=int, default=None, metavar="N",
+                   help="number of workers to start (default 1, or every slot of -H/--hostfile)")
     p.add_argument("--min-np", type=int, default=None, metavar="N",
                    help="fewest workers the job continues with after losses (default: N, so "
                         "any loss fails the job unless --max-restarts is set)")
@@ -60,8 +60,17 @@ def _run_parser() -> _Parser:
                         "E.g. kill:rank=2,step=40 or stop:random,every=50,seed=1. Rules for "
                         "ranks the job never has are refused; rules that never fired are "
                         "reported at the end")
-    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
-                   help="address the coordinator listens on (default 127.0.0.1)")
+    p.add_argument("-H", "--hosts", default=None, metavar="HOST:SLOTS,...",
+                   help="run on these hosts, e.g. -H node1:4,node2:4: one `phalanx agent` per host "
+                        "over SSH (BatchMode; same Python and working directory as here); ranks "
+                        "are packed host by host")
+    p.add_argument("--hostfile", default=None, metavar="FILE",
+                   help="hosts from a file of 'HOST slots=N' lines (Horovod / Open MPI format)")
+    p.add_argument("--ssh-config", default=None, metavar="FILE",
+                   help="ssh_config file for reaching the hosts (passed as ssh -F FILE)")
+    p.add_argument("--bind", default=None, metavar="ADDR",
+                   help="address the coordinator listens on (default 127.0.0.1, or with remote "
+                        "hosts the local address that routes to them)")
     p.add_argument("--join-file", default=None, metavar="PATH",
                    help="write the coordinator address and job secret to PATH (mode 0600) so "
                         "more workers can join with `phalanx join PATH script.py` (with --max-np)")
@@ -74,6 +83,27 @@ def run_main(argv: list[str]) -> int:
     """`phalanx run`: validate arguments, then supervise the job."""
     p = _run_parser()
     a = p.parse_args(argv)
+    hosts: list = []
+    if a.hosts or a.hostfile:
+        from .hosts import is_local, parse_hostfile, parse_hosts, place, route_address
+        try:
+            if a.hosts and a.hostfile:
+                raise ValueError("give -H or --hostfile, not both")
+            if a.hosts:
+                entries = parse_hosts(a.hosts)
+            else:
+                with open(a.hostfile) as f:
+                    entries = parse_hostfile(f.read(), a.hostfile)
+            if a.np is None:
+                a.np = sum(n for _, n in entries)
+            hosts = place(entries, a.np)
+            remote = [h.name for h in hosts if not is_local(h.name)]
+            if a.bind is None:
+                a.bind = route_address(remote[0]) if remote else "127.0.0.1"
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+    if a.np is None:
+        a.np = 1
     if a.np < 1:
         p.error(f"-np must be at least 1, got {a.np}")
     if a.min_np is not None and not 1 <= a.min_np <= a.np:
@@ -98,8 +128,9 @@ def run_main(argv: list[str]) -> int:
     cfg = RunConfig(np=a.np, script=a.script, args=list(a.args), min_np=a.min_np,
                     max_np=a.max_np, max_restarts=a.max_restarts, retry_errors=a.retry_errors,
                     timeout=a.timeout,
-                    heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos, bind=a.bind,
-                    join_file=a.join_file)
+                    heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos,
+                    bind=a.bind or "127.0.0.1", join_file=a.join_file, hosts=hosts,
+                    ssh_config=a.ssh_config)
     return Supervisor(cfg).run()
 
 
@@ -141,6 +172,7 @@ def bench_main(argv: list[str]) -> int:
               "  train      samples/s: phalanx vs torch DDP vs one process\n"
               "  recovery   time to recover from killed/stopped workers vs torchrun\n"
               "  iterative  cached shards vs re-reading vs scikit-learn (vs Spark)\n"
+              "  soak       100 mixed chaos faults on one job: nothing lost, no leaks\n"
               "Run `phalanx bench NAME --help` for a benchmark's options.")
         return 0
     name, rest = argv[0], argv[1:]
@@ -160,9 +192,11 @@ def bench_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: phalanx {run,join,bench} ...\n\n"
+        print("usage: phalanx {run,join,agent,bench} ...\n\n"
               "  run     run a script on N fault-tolerant workers (phalanx run --help)\n"
               "  join    add a worker to a running job (phalanx join --help)\n"
+              "  agent   start one host's workers for a coordinator elsewhere (phalanx agent "
+              "--help)\n"
               "  bench   benchmarks against DDP, Gloo, TCP, torchrun (phalanx bench --help)")
         return 0
     if argv[0] in ("--version", "-V"):
@@ -176,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(rest)
     if cmd == "join":
         return join_main(rest)
+    if cmd == "agent":
+        from .agent import main as agent_main
+        return agent_main(rest)
     sys.stderr.write(f"phalanx: error: unknown command {cmd!r}; use run or bench "
                      "(see `phalanx --help`)\n")
     return 2

@@ -40,6 +40,8 @@ class Exit:
     """The coordinator had declared it lost before it exited."""
     error: dict[str, Any] | None = field(default=None)
     """The exception it reported (type, message, where, time, cascade), if any."""
+    detail: str = ""
+    """What else is known, e.g. 'host b lost: its agent exited with code 255'."""
 
     @property
     def label(self) -> str:
@@ -62,6 +64,8 @@ class Exit:
             text = f": {msg[0][:300]}" if msg and msg[0] else ""
             return (f"{self.label} raised {self.error.get('type')}{text} "
                     f"(at {self.error.get('where')})")
+        if self.detail:
+            return f"{self.label}: {self.detail}"
         why = f"{self.label} {describe_exit(self.code)}"
         if self.fenced:
             why += " (fenced by the launcher)"

@@ -27,7 +27,9 @@ from .. import env
 from ..coord.protocol import new_secret
 from ..coord.server import CoordServer
 from . import procs, report
+from .hosts import HostSlots
 from .procs import CHILD, write_join_file
+from .remote import AgentFleet
 from .shmfiles import cleanup as shm_cleanup
 
 __all__ = ["CHILD", "RunConfig", "Supervisor", "write_join_file"]
@@ -64,6 +66,10 @@ class RunConfig:
     """More environment for the workers."""
     join_file: str | None = None
     """Write the coordinator address and job secret here (mode 0600) for `phalanx join`."""
+    hosts: list[HostSlots] = field(default_factory=list)
+    """Hosts to run on (one `phalanx agent` each); empty: every worker is a local child."""
+    ssh_config: str | None = None
+    """An ssh_config file for reaching the hosts (ssh -F)."""
 
     @property
     def can_grow(self) -> bool:
@@ -112,6 +118,10 @@ class Supervisor:
                                   fence=self._fence, probe_stopped=self._is_stopped)
         self.server.membership.straggler_timeout = cfg.timeout
         self.server.membership.fail_on_error = cfg.retry_errors == 0
+        self.fleet = AgentFleet(hosts=cfg.hosts, membership=self.server.membership,
+                                secret=self._secret, job_id=self.job_id, cfg=cfg,
+                                address=self.server.address, out=self._sink(self._out),
+                                err=self._sink(self._err), say=self.say) if cfg.hosts else None
 
     # ------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
@@ -131,6 +141,9 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
     def _spawn(self, slot: int, restart: int) -> None:
         worker_id = f"w{slot}" if restart == 0 else f"w{slot}.{restart}"
+        if self.fleet is not None:
+            self.fleet.spawn(slot, worker_id)
+            return
         cfg = self.cfg
         error_file = os.path.join(self._errdir, f"{worker_id}.json")
         wenv = {**os.environ, **cfg.extra_env,
@@ -181,6 +194,11 @@ class Supervisor:
         with self._lock:
             return list(self._workers.values())
 
+    def _stop_workers(self, grace: float) -> None:
+        if self.fleet is not None:
+            self.fleet.stop(grace)
+        procs.stop_all(self._all(), grace=grace)
+
     # ------------------------------------------------------------------ main loop
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signal = signum
@@ -188,6 +206,9 @@ class Supervisor:
         self.server.membership.quiet()
         for w in self._all():
             procs.kill_group(w.proc.pid, signal.SIGTERM)
+        if self.fleet is not None:
+            for a in self.fleet.agents:
+                procs.kill_group(a.proc.pid, signal.SIGTERM)
 
     def run(self) -> int:
         cfg = self.cfg
@@ -199,11 +220,14 @@ class Supervisor:
             write_join_file(cfg.join_file, self.server.address, self._secret, self.job_id,
                             self.host)
         try:
-            for slot in range(cfg.np):
-                self._spawn(slot, 0)
+            if self.fleet is not None:
+                self.fleet.start()
+            else:
+                for slot in range(cfg.np):
+                    self._spawn(slot, 0)
             return self._supervise()
         finally:
-            procs.stop_all(self._all(), grace=2.0)
+            self._stop_workers(grace=2.0)
             self.server.stop()
             for t in [t for w in self._all() for t in w.pumps]:
                 t.join(timeout=2)
@@ -219,6 +243,10 @@ class Supervisor:
 
     def _reap(self) -> tuple[int, list[report.Exit]]:
         """(workers still running, workers that exited since the last call)."""
+        if self.fleet is not None:
+            ended = self.fleet.reap()
+            self.exits.extend(ended)
+            return self.fleet.running(), ended
         running, ended = 0, []
         for wid, w in list(self._workers.items()):
             code = w.proc.poll()
@@ -275,11 +303,10 @@ class Supervisor:
         m.quiet()
         m.fail(why or "a worker failed")  # no generation forms while the job is stopping
         deadline = time.monotonic() + 0.5  # let near-simultaneous exits arrive, to order them
-        while self._workers and time.monotonic() < deadline:
-            self._reap()
+        while self._reap()[0] and time.monotonic() < deadline:
             time.sleep(0.02)
         self._quiet = True
-        procs.stop_all(self._all(), grace=5.0)
+        self._stop_workers(grace=5.0)
         self._reap()
         self._report_chaos()
         failed = [e for e in self.exits if e.code != 0]
@@ -302,8 +329,8 @@ class Supervisor:
     def _interrupted(self) -> int:
         assert self._signal is not None  # only called once a signal arrived
         name = signal.Signals(self._signal).name
-        n = len(self._all())
-        procs.stop_all(self._all(), grace=5.0)
+        n = self.fleet.running() if self.fleet is not None else len(self._all())
+        self._stop_workers(grace=5.0)
         self.say(f"received {name}: stopped {n} worker(s) after "
                  f"{time.monotonic() - self.t0:.1f}s (last step "
                  f"{self.server.membership.max_step})")

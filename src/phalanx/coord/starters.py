@@ -1,0 +1,80 @@
+"""The coordinator's side of remote starters: agents (`phalanx agent`) and `phalanx join`.
+
+A starter spawns workers on its host. It long-polls `watch` for orders (fence these workers,
+spawn those), reports which of its workers are stopped (SIGSTOP is visible only on their
+host), and reports each worker's exit with `exited`; the launcher reads those exits as it reads
+its own children's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .store_ops import BadRequest, Reply, _int, _seconds, _str
+
+
+class StarterOps:
+    """Orders for starters and their reports, guarded by the membership's `cv`."""
+
+    cv: threading.Condition
+    _stop: threading.Event
+    starters: dict[str, str]
+    orders: dict[str, list[tuple[str, int]]]
+    spawns: dict[str, list[tuple[int, str]]]
+    exits: list[dict[str, Any]]
+    stopped_reports: dict[str, float]
+    failed: str | None
+
+    def order_spawn(self, starter: str, slot: int, worker: str) -> None:
+        """Ask `starter` to start a worker for rank slot `slot` under id `worker`."""
+        with self.cv:
+            self.spawns.setdefault(starter, []).append((slot, worker))
+            self.starters[worker] = starter
+            self.cv.notify_all()
+
+    def take_exits(self) -> list[dict[str, Any]]:
+        """Worker exits starters reported since the last call."""
+        with self.cv:
+            out, self.exits = self.exits, []
+            return out
+
+    def _op_watch(self, h: dict[str, Any], _: bytes) -> Reply:
+        """A starter elsewhere (an agent, `phalanx join`) waits for fence orders for its
+        workers and reports which of them are stopped (SIGSTOP: state T)."""
+        starter, stopped = _str(h, "starter", 256), h.get("stopped", [])
+        if not isinstance(stopped, list) or not all(isinstance(w, str) for w in stopped):
+            raise BadRequest("field 'stopped' must be a list of worker ids")
+        deadline = time.monotonic() + min(_seconds(h, "timeout", 1.0), 5.0)
+        with self.cv:
+            now = time.monotonic()
+            for w in stopped[:1024]:
+                if self.starters.get(w) == starter:
+                    self.stopped_reports[w] = now
+            while not (self.orders.get(starter) or self.spawns.get(starter)) \
+                    and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            orders = self.orders.pop(starter, [])
+            spawns = self.spawns.pop(starter, [])
+        return {"ok": True, "fence": [list(o) for o in orders],
+                "spawn": [list(s) for s in spawns], "failed": self.failed}, b""
+
+    def _op_exited(self, h: dict[str, Any], _: bytes) -> Reply:
+        """A starter's worker exited: its code, and the exception it reported, if any."""
+        starter, worker = _str(h, "starter", 256), _str(h, "of", 256)
+        code, slot, pid = _int(h, "code"), _int(h, "slot", -1), _int(h, "pid", -1)
+        error = h.get("error")
+        if error is not None and (not isinstance(error, dict) or len(str(error)) > 32768):
+            raise BadRequest("field 'error' must be a small object or null")
+        with self.cv:
+            if self.starters.get(worker) != starter:
+                raise BadRequest(f"worker {worker!r} was not started by {starter!r}")
+            self.exits.append({"worker": worker, "slot": slot, "pid": pid, "code": code,
+                               "fenced": bool(h.get("fenced")), "error": error,
+                               "seen": time.time()})
+            self.cv.notify_all()
+        return {"ok": True}, b""

@@ -1,0 +1,160 @@
+"""Jobs across simulated hosts (network namespaces with their own address, hostname, /dev/shm
+and PID space, reached over real SSH): placement, collectives, losing a whole host.
+
+`phalanx run -H a:2,b:2` starts one `phalanx agent` per host over SSH; the coordinator runs in
+the launcher, on the bridge address the hosts route to.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from simhosts import simhosts  # noqa: F401 - the fixture
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+JOB = REPO / "tests" / "elastic_job.py"
+
+PLACEMENT = """
+import json, os, socket, sys
+import numpy as np, torch, phalanx as px
+px.init()
+r, n = px.rank(), px.size()
+x = np.arange(6.0).reshape(2, 3) * (r + 1)
+out = {"rank": r, "size": n, "local": [px.local_rank(), px.local_size()],
+       "cross": [px.cross_rank(), px.cross_size()], "host": socket.gethostname(),
+       "sum": px.allreduce(x, op="sum").tolist(), "max": px.allreduce(x, op="max").tolist(),
+       "gather": px.allgather(torch.full((r + 1,), float(r))).tolist(),
+       "bcast": px.broadcast(x, root=n - 1).tolist(), "obj": px.allgather_object(r * 10)}
+with open(os.path.join(sys.argv[1], f"out{r}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+def launch(hosts, slots: int, *args: str, wait: bool = True, **kw):
+    spec = ",".join(f"{h.addr}:{slots}" for h in hosts)
+    cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-H", spec, "--ssh-config",
+           str(hosts.ssh_config), *args]
+    if wait:
+        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=150, **kw)
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+@pytest.mark.timeout(120)
+def test_placement_and_collectives_across_hosts(simhosts, tmp_path) -> None:  # noqa: F811
+    hosts = simhosts(2)
+    (tmp_path / "p.py").write_text(PLACEMENT)
+    res = launch(hosts, 2, str(tmp_path / "p.py"), str(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(4)]
+    x = [[[c * (r + 1) for c in row] for row in ([0.0, 1.0, 2.0], [3.0, 4.0, 5.0])]
+         for r in range(4)]
+    for r, o in enumerate(outs):
+        assert o["host"] == hosts[r // 2].name  # packed host by host
+        assert o["local"] == [r % 2, 2] and o["cross"] == [r // 2, 2]
+        assert o["sum"] == [[sum(x[q][i][j] for q in range(4)) for j in range(3)]
+                            for i in range(2)]
+        assert o["max"] == x[3] and o["bcast"] == x[3]
+        assert o["gather"] == [0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+        assert o["obj"] == [0, 10, 20, 30]
+
+
+def _wait_for_steps(out: Path, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = sum(len(p.read_text().splitlines()) for p in out.glob("samples.*.jsonl"))
+        if lines >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the job did not reach {n} logged steps within {timeout}s")
+
+
+def _check_finished(out: Path, size: int, epochs: int) -> None:
+    finals = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+    assert len(finals) == size, [f["size"] for f in finals]
+    for f in finals[1:]:
+        for a, b in zip(finals[0]["params"], f["params"]):
+            assert torch.equal(a, b), "ranks ended with different parameters"
+    per_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for p in out.glob("samples.*.jsonl"):
+        for line in p.read_text().splitlines():
+            s = json.loads(line)
+            per_epoch[s["epoch"]].update(s["idx"])
+    assert sorted(per_epoch) == list(range(epochs))
+    for e, counts in per_epoch.items():
+        assert set(counts) == set(range(1797)), f"epoch {e}: samples missing"
+        assert all(c == 1 for c in counts.values()), f"epoch {e}: samples trained twice"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fault", ["crash", "cut"])
+def test_losing_a_whole_host(simhosts, tmp_path, fault) -> None:  # noqa: F811
+    """Host 2 (two workers and its agent) crashes or is cut off mid-training: the workers on
+    host 1 re-form once and finish with bitwise-equal parameters, every sample exactly once;
+    nothing of the job is left running on the lost host."""
+    hosts = simhosts(2)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = launch(hosts, 2, "--min-np", "2", "--heartbeat-timeout", "1.5", str(JOB), str(out),
+                  "3", "0.05", wait=False, cwd=tmp_path)
+    try:
+        _wait_for_steps(out, 24, timeout=90)
+        (hosts[1].crash if fault == "crash" else hosts[1].cut)()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    _check_finished(out, size=2, epochs=3)
+    last = stderr.strip().splitlines()[-1]
+    assert "2 fault(s) recovered" in last, last
+    if fault == "crash":
+        assert f"host {hosts[1].addr} lost" in stderr
+    time.sleep(1 if fault == "crash" else 2)  # the cut-off agent stops its workers by itself
+    left = [p for p in hosts[1].pids() if "python" in _cmdline(p)]
+    assert not left, f"processes of the job left on the lost host: {left}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.timeout(120)
+def test_the_secret_is_in_no_argv_and_no_log(simhosts, tmp_path) -> None:  # noqa: F811
+    """`ps` shows argv to every user: the launcher hands the secret to each agent on stdin."""
+    hosts = simhosts(2)
+    (tmp_path / "s.py").write_text("import time, phalanx as px\npx.init()\ntime.sleep(4)\n")
+    join = tmp_path / "join.json"
+    proc = launch(hosts, 1, "--join-file", str(join), str(tmp_path / "s.py"), wait=False,
+                  cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not join.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        secret = json.loads(join.read_text())["secret"]
+        time.sleep(2.5)  # agents and workers are up on both hosts
+        seen = [p for p in os.listdir("/proc") if p.isdigit() and secret in _cmdline(int(p))]
+        assert len([p for p in os.listdir("/proc") if p.isdigit() and "agent" in _cmdline(int(p))
+                    and "--secret-stdin" in _cmdline(int(p))]) >= 2
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert not seen, f"the secret is in the argv of pids {seen}"
+    assert secret not in stdout + stderr

@@ -18,7 +18,7 @@ import time
 
 import torch.distributed as dist
 
-from . import env
+from . import env, static
 from .comm.group import Group, Placement
 from .comm.store import CoordStore
 from .config import Config
@@ -48,6 +48,7 @@ class Runtime:
                 raise ConfigError(f"{env.COORD_ADDR} is set but {env.SECRET} is not; start "
                                   "workers with `phalanx run`, which sets both")
             self.object_key = hashlib.sha256(b"phalanx-objects" + secret.encode()).digest()
+            _warm_imports()
             self.client = CoordClient(addr, secret, self.worker)
             self.client.join(host=self.host, rank_hint=env.get_int(env.RANK, -1), pid=os.getpid(),
                              starter=env.get_str(env.STARTER))
@@ -60,12 +61,27 @@ class Runtime:
                 log.warning("the job finished before this worker could join; exiting")
                 self.client.close(leave=True)
                 raise SystemExit(0) from None
+        elif (found := static.detect()) is not None:
+            self.group = self._static(found)
         else:
             self.object_key = os.urandom(32)
             self.workers = [self.worker]
             place = Placement(generation=1, rank=0, size=1, local_rank=0, local_size=1,
                               hosts=[self.host], pids=[os.getpid()])
             self.group = Group(place, dist.HashStore(), config, job_id=self.job_id)
+
+    def _static(self, e: static.StaticEnv) -> Group:
+        """A fixed-membership job started by torchrun & co. (see `phalanx.static`)."""
+        store = static.store(e, self.config.timeout)
+        hosts, pids, self.object_key = static.exchange(store, e, self.host)
+        self.job_id = "".join(c for c in e.run_id if c.isalnum())[:24]
+        self.workers = [f"rank{r}" for r in range(e.size)]
+        mine = [r for r, h in enumerate(hosts) if h == self.host]
+        place = Placement(generation=1, rank=e.rank, size=e.size, local_rank=mine.index(e.rank),
+                          local_size=len(mine), hosts=hosts, pids=pids)
+        if env.get_str(env.BIND_ADDR) is None:
+            self.config.bind_addr = static.bind_address(e)
+        return Group(place, store, self.config, job_id=self.job_id)
 
     def _form(self, after: int) -> Group:
         assert self.client is not None  # only called for launched jobs
@@ -149,6 +165,16 @@ class Runtime:
         finally:
             if self.client is not None:
                 self.client.close(leave=True)
+
+
+def _warm_imports() -> None:
+    """Import, before joining, what a training script's first optimizer imports lazily
+    (torch._dynamo: seconds). A replacement joins at a step boundary and its peers wait for it
+    until it heals, so it must not pay this cost after it joined."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # an optional speed-up; never a reason to fail
+        pass
 
 
 def raise_fd_limit() -> None:

@@ -54,7 +54,7 @@ class ShardedLoader:
         self._started = False  # has the cursor's current epoch handed out anything yet
         self._auto_epoch = True  # advance epochs on our own until set_epoch is called
         self.as_torch = as_torch
-        self.steps_done = 0
+        self._resume = False  # after a recovery: finish the current epoch, never skip it
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch `epoch`; resuming the current epoch keeps its position."""
@@ -75,7 +75,9 @@ class ShardedLoader:
 
     def __iter__(self) -> Iterator[Split]:
         self.on_step_done()
-        if self._auto_epoch and self._started and self._exhausted(_collective.size()):
+        resume, self._resume = self._resume, False
+        if self._auto_epoch and self._started and not resume and self._exhausted(
+                _collective.size()):
             self.cursor.new_epoch()
             self._started = False
         while True:
@@ -116,7 +118,6 @@ class ShardedLoader:
         if self._pending is not None:
             plan, self._pending = self._pending, None
             self.cursor.complete_step(plan, range(len(plan)))
-            self.steps_done += 1
 
     def on_step_failed(self, completed_ranks: Sequence[int]) -> None:
         """The pending step failed: keep the samples of `completed_ranks` (old rank numbers; the
@@ -124,13 +125,18 @@ class ShardedLoader:
         if self._pending is not None:
             plan, self._pending = self._pending, None
             self.cursor.complete_step(plan, completed_ranks)
-            self.steps_done += 1
+
+    def on_recovery(self) -> None:
+        """The elastic loop re-formed: requeue the step in flight, and let the next pass serve
+        what is left of the current epoch (maybe nothing) instead of starting a new one, since
+        the training function restarts inside the epoch it was in."""
+        self.on_step_failed([])
+        self._resume = True
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the epoch as plain values, the pending step included."""
         return {"cursor": self.cursor.state_dict(), "started": self._started,
                 "auto_epoch": self._auto_epoch,
-                "steps_done": self.steps_done,
                 "pending": None if self._pending is None
                 else [p.tolist() for p in self._pending]}
 
@@ -141,7 +147,6 @@ class ShardedLoader:
         self.cursor.load_state_dict(state["cursor"])
         self._started = bool(state.get("started", True))
         self._auto_epoch = bool(state.get("auto_epoch", True))
-        self.steps_done = int(state.get("steps_done", 0))
         pending = state.get("pending")
         self._pending = (None if pending is None
                          else [np.asarray(p, dtype=np.int64) for p in pending])

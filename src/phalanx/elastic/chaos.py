@@ -95,10 +95,14 @@ def should_fire(rule: ChaosRule, *, rank: int, size: int, step: int) -> bool:
     return random.Random(rule.seed * 1_000_003 + step).randrange(size) == rank
 
 
-def fires_in_recovery(rule: ChaosRule, *, rank: int, recovery: int) -> bool:
-    """Pure: does this rule hit this rank during its `recovery`-th recovery (1-based)?"""
-    return rule.recovery is not None and rule.recovery == recovery and (
-        rule.rank is None or rule.rank == rank)
+def fires_in_recovery(rule: ChaosRule, *, rank: int, size: int, recovery: int) -> bool:
+    """Pure: does this rule hit this rank during the `recovery`-th recovery (1-based) of the
+    worker process it runs in? A random rule picks one rank of the new generation."""
+    if rule.recovery is None or rule.recovery != recovery:
+        return False
+    if rule.rank is not None:
+        return rule.rank == rank
+    return random.Random(rule.seed * 1_000_003 + 7919 * recovery).randrange(size) == rank
 
 
 Report = Callable[[ChaosRule, str], bool]
@@ -126,12 +130,14 @@ class Injector:
             if should_fire(rule, rank=rank, size=size, step=step):
                 self._fire(rule, f"rank {rank} (pid {os.getpid()}) at step {step}", f"s{step}")
 
-    def in_recovery(self, *, rank: int, recovery: int) -> None:
+    def in_recovery(self, *, rank: int, size: int, recovery: int) -> None:
         """Fire every rule that hits this rank in the middle of its `recovery`-th recovery."""
         for rule in self.rules:
-            if fires_in_recovery(rule, rank=rank, recovery=recovery):
+            if fires_in_recovery(rule, rank=rank, size=size, recovery=recovery):
+                # A random rule fires once per K in the job; a rank's rule once per rank and K.
+                key = f"r{recovery}" if rule.rank is None else f"r{recovery}.{rank}"
                 self._fire(rule, f"rank {rank} (pid {os.getpid()}) during recovery {recovery}",
-                           f"r{recovery}.{rank}")
+                           key)
 
     def _fire(self, rule: ChaosRule, what: str, when: str) -> None:
         try:

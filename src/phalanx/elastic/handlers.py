@@ -69,7 +69,9 @@ class LoaderHandler(StatefulHandler):
     the step it handed out last, which goes back on the queue if it never completed."""
 
     def requeue(self) -> None:
-        if self.value.pending_step is not None:
+        if hasattr(self.value, "on_recovery"):
+            self.value.on_recovery()
+        elif self.value.pending_step is not None:
             self.value.on_step_failed([])
 
 

@@ -65,7 +65,7 @@ def recover(state: State, cause: BaseException, max_attempts: int = 20) -> None:
         state.reform_attempts += 1
         chaos = state.chaos(rt)
         if chaos is not None:
-            chaos.in_recovery(rank=place.rank, recovery=state.reform_attempts)
+            chaos.in_recovery(rank=place.rank, size=place.size, recovery=state.reform_attempts)
 
     info = reform(cause, lambda _origin: state.sync().reason, max_attempts=max_attempts,
                   on_reformed=chaos_in_recovery)

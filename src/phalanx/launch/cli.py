@@ -56,7 +56,7 @@ def _run_parser() -> _Parser:
                         "separated by ';'. KIND: " + "; ".join(
                             f"{k}: {v}" for k, v in chaos_help().items()) + ". WHO: rank=R or "
                         "random (with seed=N). WHEN: step=S (at the boundary after step S), "
-                        "every=N (every N steps) or recovery=K (during the K-th recovery). "
+                        "every=N (every N steps) or recovery=K (during the K-th recovery of the worker process). "
                         "E.g. kill:rank=2,step=40 or stop:random,every=50,seed=1. Rules for "
                         "ranks the job never has are refused; rules that never fired are "
                         "reported at the end")

@@ -230,7 +230,8 @@ class CoordClient:
             return None
         if not s.get("ok"):
             return f"this worker was fenced or cut off from the coordinator: {s.get('error')}"
-        if s.get("generation") == self.generation and s.get("lost_ranks"):
+        # lost_ranks refer to the generation the beat asked about, maybe an older one.
+        if s.get("asked") == self.generation and s.get("lost_ranks"):
             return f"rank(s) {s['lost_ranks']} of generation {self.generation} were declared lost"
         return None
 

@@ -252,7 +252,7 @@ class Membership(StoreOps, StarterOps):
                     if not self.members[w].alive and not self.members[w].left]
         waiting_outside = sum(1 for m in self.members.values() if m.alive and m.waiting
                               and (not world or m.worker not in world.workers))
-        return {"ok": True, "generation": current, "lost_ranks": lost,
+        return {"ok": True, "generation": current, "asked": generation, "lost_ranks": lost,
                 "broken": generation in self.broken, "newcomers": waiting_outside,
                 "failed": self.failed}
 

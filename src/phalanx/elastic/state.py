@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import env, runtime
-from ..errors import PhalanxError
+from ..errors import PhalanxError, WorkerLost
 from . import policy
 from .chaos import ChaosRule, Injector
 from .handlers import Handler, LoaderHandler, handler_for
@@ -61,6 +61,7 @@ class State:
         self._chaos_ready = False
         self._hcache: dict[str, Handler] = {}
         self._defer_changes = False
+        self._change_pending: str | None = None
         if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
             optimizer.register_step_post_hook(self._after_optimizer_step)
         if optimizer is not None and hasattr(optimizer, "register_step_start_hook"):
@@ -126,6 +127,7 @@ class State:
     def sync(self) -> policy.HealPlan:
         """Heal: every rank behind the most advanced one takes its state; nobody rolls back."""
         from .. import api
+        self._change_pending = None
         for ld in self.loaders:
             LoaderHandler(ld).requeue()  # a step handed out but never applied: samples again
         for h in self._handlers().values():
@@ -203,11 +205,22 @@ class State:
                 chaos.at_step(rank=g.rank, size=g.size, step=self.step)
         if not self._defer_changes:
             self._check_membership()
+            return
+        # Agree now, right after the step's reduction left every rank in step (a cheap
+        # collective), but leave only at the start of the next step, so the code the user runs
+        # after step() (a scheduler's step, a metric) is never skipped. A peer lost during this
+        # check breaks the group; the next step's first collective reports it.
+        try:
+            self._check_membership()
+        except MembershipChanged as e:
+            self._change_pending = str(e)
+        except WorkerLost:
+            pass
 
     def _at_step_start(self, *_: Any) -> None:
-        # Nothing of this step is applied yet, so leaving here (or failing in the check's
-        # collective) never skips the code the user runs after step().
-        self._check_membership()
+        if self._change_pending is not None:
+            why, self._change_pending = self._change_pending, None
+            raise MembershipChanged(why)
 
     def chaos(self, rt: runtime.Runtime) -> Injector | None:
         """This worker's fault injector, when the launcher was given --chaos."""

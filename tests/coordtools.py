@@ -32,8 +32,6 @@ from phalanx.errors import ConfigError, RendezvousError
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
-JOB_EPOCHS = 25
-"""Long enough (15-35 s on 2 cores) to outlast the 7 s attack of the last test."""
 
 
 # ----------------------------------------------------------------------------- helpers

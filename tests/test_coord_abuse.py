@@ -7,6 +7,26 @@ from coordtools import *  # noqa: F403 - the shared helpers and imports of these
 
 
 # ----------------------------------------------------------------------------- a real job
+JOB = """
+import os, sys, time
+import torch, phalanx as px
+px.init()
+model = torch.nn.Linear(8, 1)
+opt = px.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model)
+state = px.elastic.State(model=model, optimizer=opt)
+
+@px.elastic.run
+def train(state):
+    while not px.broadcast_object(os.path.exists(sys.argv[1]), root=0):  # trains until told
+        opt.zero_grad()
+        model(torch.ones(4, 8)).sum().backward()
+        opt.step()
+        time.sleep(0.01)
+
+train(state)
+"""
+"""Trains (real collectives every step) until the test creates the stop file."""
+
 RSS_BOUND_MIB = 128
 """Launcher RSS bound under the attack below. Measured: 22 MiB idle, 24 MiB peak under attack
 (125 threads at most, back to 11 after); before the fix 16 announced-huge frames took it to 4 GB."""
@@ -32,8 +52,10 @@ def test_coordinator_survives_abuse_during_a_real_job(tmp_path) -> None:
     join = tmp_path / "join.json"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
+    stop = tmp_path / "stop"
+    (tmp_path / "job.py").write_text(JOB)
     cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", "2", "--join-file", str(join),
-           str(REPO / "examples" / "train_digits.py"), "--epochs", str(JOB_EPOCHS)]
+           str(tmp_path / "job.py"), str(stop)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=tmp_path, start_new_session=True)
     out: dict[str, list[str]] = {"stdout": [], "stderr": []}
@@ -91,7 +113,8 @@ def test_coordinator_survives_abuse_during_a_real_job(tmp_path) -> None:
         socks = []
         assert wait_until(lambda: proc_status(proc.pid)["Threads"] <= idle["Threads"] + 1, 5), \
             "the launcher's connection threads outlived their sockets"
-        assert proc.poll() is None, "the job ended before the attack did; raise JOB_EPOCHS"
+        assert proc.poll() is None, "the job ended during the attack"
+        stop.touch()  # the workers finish their loop at the next step
         rc = proc.wait(timeout=120)
         sampling.set()
     finally:

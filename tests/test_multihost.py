@@ -22,7 +22,44 @@ from conftest import REPO
 from simhosts import simhosts  # noqa: F401 - the fixture
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-JOB = REPO / "tests" / "elastic_job.py"
+# Elastic softmax regression on digits. After each committed step every rank logs the whole
+# step's sample plan (all ranks), so a crash that kills a worker between its reduction and a log
+# line of its own cannot hide samples that were trained.
+JOB = """
+import json, os, sys, time
+import torch
+from sklearn.datasets import load_digits
+import phalanx as px
+from phalanx.data import ArrayDataset, ShardedLoader
+out, epochs, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+torch.set_num_threads(1)
+px.init()
+d = load_digits()
+X, Y = torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+loader = ShardedLoader(ArrayDataset(X, Y), batch_size=32, seed=0)
+torch.manual_seed(0)
+model = torch.nn.Linear(64, 10)
+opt = px.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model=model)
+state = px.elastic.State(model=model, optimizer=opt, loaders=[loader], epoch=0)
+log = open(os.path.join(out, "steps." + os.environ["PHALANX_WORKER_ID"] + ".jsonl"), "a",
+           buffering=1)
+
+@px.elastic.run
+def train(state):
+    for state.epoch in range(state.epoch, epochs):
+        for x, y in loader:
+            plan = [p.tolist() for p in loader.pending_step]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y, reduction="sum").div(32).backward()
+            time.sleep(pause)
+            opt.step()
+            log.write(json.dumps({"e": state.epoch, "s": state.step, "plan": plan}) + "\\n")
+
+train(state)
+torch.save({"params": [p.detach().clone() for p in model.parameters()], "size": px.size()},
+           os.path.join(out, f"rank{px.rank()}.pt"))
+px.barrier()
+"""
 
 PLACEMENT = """
 import json, os, socket, sys
@@ -72,7 +109,7 @@ def test_placement_and_collectives_across_hosts(simhosts, tmp_path) -> None:  # 
 def _wait_for_steps(out: Path, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = sum(len(p.read_text().splitlines()) for p in out.glob("samples.*.jsonl"))
+        lines = sum(len(p.read_text().splitlines()) for p in out.glob("steps.*.jsonl"))
         if lines >= n:
             return
         time.sleep(0.1)
@@ -85,11 +122,14 @@ def _check_finished(out: Path, size: int, epochs: int) -> None:
     for f in finals[1:]:
         for a, b in zip(finals[0]["params"], f["params"]):
             assert torch.equal(a, b), "ranks ended with different parameters"
-    per_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-    for p in out.glob("samples.*.jsonl"):
+    steps: dict[int, dict] = {}
+    for p in out.glob("steps.*.jsonl"):
         for line in p.read_text().splitlines():
-            s = json.loads(line)
-            per_epoch[s["epoch"]].update(s["idx"])
+            rec = json.loads(line)
+            assert steps.setdefault(rec["s"], rec) == rec, "two histories for one step"
+    per_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for rec in steps.values():
+        per_epoch[rec["e"]].update(i for part in rec["plan"] for i in part)
     assert sorted(per_epoch) == list(range(epochs))
     for e, counts in per_epoch.items():
         assert set(counts) == set(range(1797)), f"epoch {e}: samples missing"
@@ -105,8 +145,9 @@ def test_losing_a_whole_host(simhosts, tmp_path, fault) -> None:  # noqa: F811
     hosts = simhosts(2)
     out = tmp_path / "out"
     out.mkdir()
-    proc = launch(hosts, 2, "--min-np", "2", "--heartbeat-timeout", "1.5", str(JOB), str(out),
-                  "3", "0.05", wait=False, cwd=tmp_path)
+    (tmp_path / "job.py").write_text(JOB)
+    proc = launch(hosts, 2, "--min-np", "2", "--heartbeat-timeout", "1.5",
+                  str(tmp_path / "job.py"), str(out), "3", "0.05", wait=False, cwd=tmp_path)
     try:
         _wait_for_steps(out, 24, timeout=90)
         (hosts[1].crash if fault == "crash" else hosts[1].cut)()

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .shm import ShmAllreduce
 
 log = logging.getLogger("phalanx.comm")
+_WATCH_S = 0.01
+"""How often a wait on the process group checks whether its generation was declared broken."""
 T = TypeVar("T")
 
 
@@ -185,11 +187,28 @@ class Group:
         return self._exec.submit(lambda: self._guard(what, fn))
 
     def wait(self, work: dist.Work) -> None:
-        """Wait for a process-group operation; transport failures become TransportError."""
+        """Wait for a process-group operation; transport failures become TransportError.
+
+        A peer that left this generation for a recovery without a transport error (it saw a
+        loss first) leaves us blocked in Gloo until its timeout: so while waiting, poll the
+        coordinator's verdict (cheap: the heartbeat's cached status) and give up on it."""
+        if self._abort_check is not None and not work.is_completed():
+            self._wait_watching(work)
         try:
             work.wait()
         except RuntimeError as e:
             raise TransportError(str(e)) from e
+
+    def _wait_watching(self, work: dist.Work) -> None:
+        pause, next_check = 2e-5, time.monotonic() + _WATCH_S
+        while not work.is_completed():
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + _WATCH_S
+                reason = self._abort_check() if self._abort_check is not None else None
+                if reason:
+                    raise TransportError(f"abandoned: {reason}")
 
     def agree(self, sig: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Exchange signatures (`ops.signature`); raise CollectiveMismatch on every rank if they

@@ -90,11 +90,20 @@ class AgentFleet:
                 return h
         raise ValueError(f"rank slot {slot} belongs to no host")
 
-    def spawn(self, slot: int, worker_id: str) -> None:
-        """A replacement for rank slot `slot`, on the host that slot lives on."""
-        host = self._host_of(slot)
-        self.m.order_spawn(f"agent-{host.name}", slot, worker_id)
+    def spawn(self, slot: int, worker_id: str) -> bool:
+        """A replacement for rank slot `slot`: on that slot's host if its agent lives, else on
+        the live host running the fewest workers. False if no host is left."""
+        alive = [a for a in self.agents if not a.lost and a.proc.poll() is None]
+        if not alive:
+            return False
+        home = [a for a in alive if a.host.name == self._host_of(slot).name]
+        load = {a.host.name: sum(1 for s in self.live.values()
+                                 if a.host.first_rank <= s < a.host.first_rank + a.host.slots)
+                for a in alive}
+        target = home[0] if home else min(alive, key=lambda a: load[a.host.name])
+        self.m.order_spawn(f"agent-{target.host.name}", slot, worker_id)
         self.live[worker_id] = slot
+        return True
 
     def running(self) -> int:
         return len(self.live)

@@ -139,11 +139,11 @@ class Supervisor:
         return write
 
     # ------------------------------------------------------------------ workers
-    def _spawn(self, slot: int, restart: int) -> None:
+    def _spawn(self, slot: int, restart: int) -> bool:
+        """Start a worker for rank slot `slot`; False if there is nowhere to start it."""
         worker_id = f"w{slot}" if restart == 0 else f"w{slot}.{restart}"
         if self.fleet is not None:
-            self.fleet.spawn(slot, worker_id)
-            return
+            return self.fleet.spawn(slot, worker_id)
         cfg = self.cfg
         error_file = os.path.join(self._errdir, f"{worker_id}.json")
         wenv = {**os.environ, **cfg.extra_env,
@@ -164,6 +164,7 @@ class Supervisor:
                         out=self._sink(self._out), err=self._sink(self._err))
         with self._lock:
             self._workers[worker_id] = w
+        return True
 
     def _is_stopped(self, worker_id: str, pid: int) -> bool:
         """Coordinator probe: is this (local) worker's process stopped (state T)?"""
@@ -282,11 +283,10 @@ class Supervisor:
                 elif not e.is_fault or not cfg.elastic:
                     return self._fail()
                 self.server.declare_lost(e.worker, e.why())
-                if self.restarts < cfg.max_restarts:
+                if self.restarts < cfg.max_restarts and self._spawn(e.slot, self.restarts + 1):
                     self.restarts += 1
                     self.say(f"{e.why()}; respawning it ({self.restarts}/{cfg.max_restarts} "
                              "restarts)")
-                    self._spawn(e.slot, self.restarts)
                     running += 1
                 else:
                     self.say(f"{e.why()}; continuing without it")

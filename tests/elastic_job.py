@@ -1,8 +1,11 @@
 """Training job used by the chaos tests (run under `phalanx run`; not collected by pytest).
 
 Softmax regression on scikit-learn's digits with an exactly-once ShardedLoader, elastic State
-and @run. Each rank logs the sample indices of every step it completes, and at the end writes
-its parameters, final full-data loss and recoveries to OUT/rank<r>.<worker>.pt.
+and @run. After each step it commits, each rank logs the step number and the whole step's
+sample plan (every rank's indices): a rank that gave up on a reduction its peers completed heals
+from them without committing that step itself, so logging only one's own batch would miss
+samples that were trained. At the end each rank writes its parameters, final full-data loss
+and recoveries to OUT/rank<r>.<worker>.pt.
 
     phalanx run -np 3 --min-np 2 tests/elastic_job.py OUT [EPOCHS] [SECONDS_PER_STEP]
 """
@@ -41,14 +44,15 @@ log = open(os.path.join(out_dir, f"samples.{me}.jsonl"), "a", buffering=1)
 def train(state):
     for state.epoch in range(state.epoch, epochs):
         for x, y, idx in loader:
+            plan = [p.tolist() for p in loader.pending_step]
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum") / 32
             loss.backward()
             time.sleep(compute)
             opt.synchronize()
-            log.write(json.dumps({"epoch": state.epoch, "idx": idx.tolist()}) + "\n")
             with opt.skip_synchronize():
                 opt.step()
+            log.write(json.dumps({"epoch": state.epoch, "step": state.step, "plan": plan}) + "\n")
 
 
 train(state)

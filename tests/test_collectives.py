@@ -72,28 +72,80 @@ def check_close(got: torch.Tensor, want: np.ndarray, dtype: torch.dtype, what: s
         np.testing.assert_array_equal(got.numpy(), want, err_msg=what)
 
 
+def every_op(g, n: int) -> tuple[list[str], list[torch.Tensor]]:
+    """Allreduce every dtype x op x size; (failures against numpy, the results)."""
+    r = g.place.rank
+    failures, results = [], []
+    for dtype in DTYPES:
+        for op in valid_ops(dtype):
+            for numel in SIZES if dtype == torch.float32 else SIZES[:4]:
+                t = make(r, dtype, numel)
+                C.allreduce_(g, t, op, None)
+                results.append(t)
+                want = reference([make(k, dtype, numel) for k in range(n)], op)
+                try:
+                    check_close(t, want, dtype, f"{op} {dtype} numel={numel}")
+                except AssertionError as e:
+                    failures.append(str(e)[:300])
+    return failures, results
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algo", ["gloo", "shm"])
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_allreduce_every_op_and_dtype(n: int, algo: str) -> None:
-    def body(g):
-        r = g.place.rank
-        failures = []
-        for dtype in DTYPES:
-            for op in valid_ops(dtype):
-                for numel in SIZES if dtype == torch.float32 else SIZES[:4]:
-                    t = make(r, dtype, numel)
-                    C.allreduce_(g, t, op, None)
-                    want = reference([make(k, dtype, numel) for k in range(n)], op)
-                    try:
-                        check_close(t, want, dtype, f"{op} {dtype} numel={numel}")
-                    except AssertionError as e:
-                        failures.append(str(e)[:300])
-        return failures
-    results = run_ranks(n, body, algo=algo, shm_max_bytes=64 << 10)
+    results = run_ranks(n, lambda g: every_op(g, n)[0], algo=algo, shm_max_bytes=64 << 10)
     for r, res in enumerate(results):
         assert not isinstance(res, BaseException), f"rank {r}: {res!r}"
         assert res == [], f"rank {r}: {res[:3]}"
+
+
+LAYOUTS = {"2x2": ["a", "a", "b", "b"], "2x3": ["a"] * 3 + ["b"] * 3,
+           "3x2": ["a", "a", "b", "b", "c", "c"]}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_hierarchical_every_op_and_dtype(layout: str) -> None:
+    """Shared memory inside each named host, a cross-host Gloo group per local rank: numpy's
+    answer for every op and dtype (several capacity rounds at 70001 floats), the same bytes on
+    every rank, and broadcast from every root."""
+    hosts = LAYOUTS[layout]
+    n = len(hosts)
+
+    def body(g):
+        assert g.hier is not None and g.shm is None, "expected the hierarchical path"
+        failures, results = every_op(g, n)
+        for root in range(n):
+            b = make(g.place.rank, torch.float64, 13)
+            C.broadcast_(g, b, root, None)
+            if not torch.equal(b, make(root, torch.float64, 13)):
+                failures.append(f"broadcast from root {root}: {b}")
+        return failures, results
+    out = run_ranks(n, body, algo="auto", hosts=hosts, shm_max_bytes=64 << 10)
+    for r, res in enumerate(out):
+        assert not isinstance(res, BaseException), f"rank {r}: {res!r}"
+        assert res[0] == [], f"rank {r}: {res[0][:3]}"
+    for r in range(1, n):
+        for a, b in zip(out[0][1], out[r][1]):
+            assert torch.equal(a.view(torch.uint8) if a.numel() else a,
+                               b.view(torch.uint8) if b.numel() else b), f"rank {r} differs from 0"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("algo", ["auto", "hier"])
+def test_uneven_hosts_use_flat_gloo(algo: str) -> None:
+    """Hosts with different rank counts cannot split chunks evenly: flat Gloo, same answers."""
+    hosts = ["a", "a", "b"]
+
+    def body(g):
+        assert g.hier is None and g.shm is None
+        t = torch.arange(10.0) * (g.place.rank + 1)
+        C.allreduce_(g, t, "sum", None)
+        return t
+    for res in run_ranks(3, body, algo=algo, hosts=hosts):
+        assert not isinstance(res, BaseException), res
+        np.testing.assert_array_equal(res.numpy(), np.arange(10.0) * 6)
 
 
 @pytest.mark.timeout(60)
@@ -137,7 +189,7 @@ def test_transport_collectives(n: int) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("algo", ["gloo", "shm"])
+@pytest.mark.parametrize("algo", ["gloo", "shm", "hier"])
 @pytest.mark.parametrize("what", ["shape", "dtype", "op", "name"])
 def test_mismatch_fails_on_every_rank(algo: str, what: str) -> None:
     def body(g):
@@ -147,11 +199,13 @@ def test_mismatch_fails_on_every_rank(algo: str, what: str) -> None:
         op = "sum" if (what != "op" or r == 0) else "max"
         name = "grad.w" if (what != "name" or r == 0) else "grad.b"
         C.allreduce_(g, torch.ones(shape, dtype=dtype), op, name)
-    results = run_ranks(3, body, algo=algo, coll_timeout=10)
+    n, hosts = (4, ["a", "a", "b", "b"]) if algo == "hier" else (3, None)
+    results = run_ranks(n, body, algo=algo, coll_timeout=10, hosts=hosts)
+    others = str(list(range(1, n)))
     for r, res in enumerate(results):
         assert isinstance(res, CollectiveMismatch), f"rank {r} got {res!r}"
         msg = str(res)
-        assert "allreduce" in msg and "[0]" in msg and "[1, 2]" in msg, msg
+        assert "allreduce" in msg and "[0]" in msg and others in msg, msg
 
 
 @pytest.mark.timeout(30)

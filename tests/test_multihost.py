@@ -71,27 +71,36 @@ out = {"rank": r, "size": n, "local": [px.local_rank(), px.local_size()],
        "cross": [px.cross_rank(), px.cross_size()], "host": socket.gethostname(),
        "sum": px.allreduce(x, op="sum").tolist(), "max": px.allreduce(x, op="max").tolist(),
        "gather": px.allgather(torch.full((r + 1,), float(r))).tolist(),
-       "bcast": px.broadcast(x, root=n - 1).tolist(), "obj": px.allgather_object(r * 10)}
+       "bcast": px.broadcast(x, root=n - 1).tolist(), "obj": px.allgather_object(r * 10),
+       "path": "hier" if px.runtime.current().group.hier is not None else "flat"}
+big = np.arange(100_003, dtype=np.float64) * (r + 1)   # several shared-memory rounds
+out["big"] = bool(np.array_equal(px.allreduce(big, op="sum"), np.arange(100_003.0) * n * (n + 1) / 2))
 with open(os.path.join(sys.argv[1], f"out{r}.json"), "w") as f:
     json.dump(out, f)
 """
 
 
-def launch(hosts, slots: int, *args: str, wait: bool = True, **kw):
+def launch(hosts, slots: int, *args: str, wait: bool = True, env=None, **kw):
     spec = ",".join(f"{h.addr}:{slots}" for h in hosts)
     cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-H", spec, "--ssh-config",
            str(hosts.ssh_config), *args]
     if wait:
-        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=150, **kw)
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        return subprocess.run(cmd, env=env or ENV, capture_output=True, text=True, timeout=150,
+                              **kw)
+    return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kw)
 
 
 @pytest.mark.timeout(120)
-def test_placement_and_collectives_across_hosts(simhosts, tmp_path) -> None:  # noqa: F811
+@pytest.mark.parametrize("algo", ["auto", "gloo"])
+def test_placement_and_collectives_across_hosts(simhosts, tmp_path, algo) -> None:  # noqa: F811
+    """2 hosts x 2 ranks: placement, and every collective against numpy on the hierarchical
+    path ('auto' picks it for this layout) and on flat Gloo. The launcher's PHALANX_* settings
+    reach the remote workers."""
     hosts = simhosts(2)
     (tmp_path / "p.py").write_text(PLACEMENT)
-    res = launch(hosts, 2, str(tmp_path / "p.py"), str(tmp_path), cwd=tmp_path)
+    env = {**ENV, "PHALANX_ALLREDUCE": algo, "PHALANX_SHM_MAX_BYTES": str(64 << 10)}
+    res = launch(hosts, 2, str(tmp_path / "p.py"), str(tmp_path), cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(4)]
     x = [[[c * (r + 1) for c in row] for row in ([0.0, 1.0, 2.0], [3.0, 4.0, 5.0])]
@@ -103,7 +112,8 @@ def test_placement_and_collectives_across_hosts(simhosts, tmp_path) -> None:  # 
                             for i in range(2)]
         assert o["max"] == x[3] and o["bcast"] == x[3]
         assert o["gather"] == [0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
-        assert o["obj"] == [0, 10, 20, 30]
+        assert o["obj"] == [0, 10, 20, 30] and o["big"]
+        assert o["path"] == ("hier" if algo == "auto" else "flat")
 
 
 def _wait_for_steps(out: Path, n: int, timeout: float) -> None:

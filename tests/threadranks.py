@@ -19,9 +19,13 @@ from phalanx.config import Config
 
 
 def run_ranks(n: int, fn: Callable[[Group], Any], *, algo: str = "gloo", timeout: float = 60,
-              generation: int = 1, **cfg: Any) -> list[Any]:
-    """Call fn(group) on n thread-ranks of one host; return per-rank results (exceptions are
-    returned). `coll_timeout` sets the collectives' timeout; other keywords go to Config."""
+              generation: int = 1, hosts: list[str] | None = None, **cfg: Any) -> list[Any]:
+    """Call fn(group) on n thread-ranks; return per-rank results (exceptions are returned).
+
+    `hosts` names each rank's host (default: all on one), packed host by host as the launcher
+    places them; names stand for hosts even though every thread shares this machine.
+    `coll_timeout` sets the collectives' timeout; other keywords go to Config."""
+    hosts = hosts or ["h"] * n
     store = dist.HashStore()
     job = f"test{uuid.uuid4().hex[:8]}"
     results: list[Any] = [None] * n
@@ -30,8 +34,9 @@ def run_ranks(n: int, fn: Callable[[Group], Any], *, algo: str = "gloo", timeout
     def body(r: int) -> None:
         group = None
         try:
-            place = Placement(generation=generation, rank=r, size=n, local_rank=r, local_size=n,
-                              hosts=["h"] * n, pids=[os.getpid()] * n)
+            mine = [i for i, h in enumerate(hosts) if h == hosts[r]]
+            place = Placement(generation=generation, rank=r, size=n, local_rank=mine.index(r),
+                              local_size=len(mine), hosts=hosts, pids=[os.getpid()] * n)
             group = Group(place, store, config, job_id=job)
             results[r] = fn(group)
         except BaseException as e:  # returned to the test, which asserts on it

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from . import env
 from .errors import ConfigError
 
-ALLREDUCE_ALGOS = ("auto", "shm", "gloo", "nccl")
+ALLREDUCE_ALGOS = ("auto", "shm", "hier", "gloo", "nccl")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -29,7 +29,10 @@ class Config:
     """Seconds without a heartbeat after which the coordinator declares a worker lost and fences it."""
 
     allreduce_algo: str = "auto"
-    """'auto' (shared memory when every rank is on one host, else Gloo/NCCL), 'shm', 'gloo' or 'nccl'."""
+    """'auto': shared memory when every rank is on one host; hierarchical (shared memory inside
+    each host, Gloo between hosts) when the hosts have the same number (>1) of ranks each; else
+    flat Gloo. 'shm', 'hier' or 'gloo' force one where the placement allows it; CUDA tensors
+    always go through NCCL."""
 
     shm_max_bytes: int = 64 << 20
     """Bytes of shared memory per rank for the intra-host path; larger tensors go in chunks."""

@@ -36,6 +36,20 @@ ALL = (RANK, SIZE, LOCAL_RANK, LOCAL_SIZE, WORKER_ID, COORD_ADDR, SECRET, JOB_ID
        BIND_ADDR, TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, STARTER, ERROR_FILE, ALLREDUCE_ALGO, SHM_MAX_BYTES,
        CHECK_COLLECTIVES, CHAOS, ELASTIC, GROWTH)
 
+FORWARDED = (HEARTBEAT_INTERVAL, ALLREDUCE_ALGO, SHM_MAX_BYTES, CHECK_COLLECTIVES)
+"""Job-wide settings the launcher passes on to workers on other hosts (via `phalanx agent
+--env`), since SSH and srun do not carry the launcher's environment there."""
+
+
+def forwarded(extra: dict[str, str]) -> dict[str, str]:
+    """What a remote host's workers must see: `extra` plus the FORWARDED variables set here."""
+    out = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+    out.update(extra)
+    if SECRET in out:
+        raise ConfigError(f"{SECRET} may not be forwarded on a command line; agents get the "
+                          "secret on stdin or from a 0600 file")
+    return out
+
 
 def get_str(name: str, default: str | None = None) -> str | None:
     """The variable's value, or `default` when unset or empty."""

@@ -20,13 +20,8 @@ import torch.distributed as dist
 
 from ..errors import CollectiveMismatch, ConfigError
 from . import ops
+from .glooreduce import gloo_allreduce_
 from .group import Group
-
-
-# Float dtype -> (same-width int dtype, mask flipping all but the sign bit) for `_minmax_keys_`.
-_ORDER_KEYS: dict[torch.dtype, tuple[torch.dtype, int]] = {
-    torch.float32: (torch.int32, 0x7FFF_FFFF), torch.float64: (torch.int64, (1 << 63) - 1),
-    torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF)}
 
 
 def _data(t: torch.Tensor) -> torch.Tensor:
@@ -37,65 +32,6 @@ def _data(t: torch.Tensor) -> torch.Tensor:
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor (for transport that ignores dtype)."""
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-
-
-def _local_reduce(stack: torch.Tensor, op: str) -> torch.Tensor:
-    if op in ("sum", "avg"):
-        out = stack.sum(0, dtype=stack.dtype) if stack.dtype != torch.bool else stack.any(0)
-        return out / stack.shape[0] if op == "avg" else out
-    if op == "prod":
-        return stack.prod(0, dtype=stack.dtype) if stack.dtype != torch.bool else stack.all(0)
-    if stack.dtype == torch.bool:
-        return stack.all(0) if op == "min" else stack.any(0)
-    return stack.amin(0) if op == "min" else stack.amax(0)
-
-
-def _minmax_keys_(g: Group, t: torch.Tensor, op: str) -> None:
-    """Min/max of floats with NaN propagating (Gloo's kernels drop NaN).
-
-    Reduces order-preserving integer keys instead: a float's bits as a signed int, with all but
-    the sign bit flipped when negative, order like the floats; NaN gets the key that wins.
-    """
-    itype, mask = _ORDER_KEYS[t.dtype]
-    bits = t.view(itype)
-    if itype == torch.int16:
-        bits = bits.to(torch.int32)         # Gloo has no int16 kernel; widening keeps order
-    key = torch.where(bits < 0, bits ^ mask, bits)
-    info = torch.iinfo(itype)
-    key.masked_fill_(torch.isnan(t), info.max if op == "max" else info.min)
-    g.wait(g.pg.allreduce([key], ops.GLOO_REDUCE[op]))
-    bits = torch.where(key < 0, key ^ mask, key)   # the map is its own inverse
-    t.copy_((bits.to(itype) if itype == torch.int16 else bits).view(t.dtype))
-
-
-def _gloo_allreduce_(g: Group, t: torch.Tensor, op: str) -> None:
-    if t.numel() == 0:
-        return
-    dtype = t.dtype
-    if op in ("min", "max") and dtype in _ORDER_KEYS:
-        _minmax_keys_(g, t, op)
-        return
-    if dtype in ops.GLOO_NATIVE:
-        g.wait(g.pg.allreduce([t], ops.GLOO_REDUCE[op]))
-    elif dtype == torch.int16:
-        # Widening then truncating gives the same wrapped result as int16 arithmetic.
-        wide = t.to(torch.int32)
-        g.wait(g.pg.allreduce([wide], ops.GLOO_REDUCE[op]))
-        t.copy_(wide.to(torch.int16))
-    elif dtype == torch.bool:
-        as_u8 = t.to(torch.uint8)
-        red = dist.ReduceOp.MAX if op in ("sum", "avg", "max") else dist.ReduceOp.MIN
-        g.wait(g.pg.allreduce([as_u8], red))
-        t.copy_(as_u8.bool())
-    elif dtype.is_complex and op in ("sum", "avg"):
-        g.wait(g.pg.allreduce([torch.view_as_real(t)], dist.ReduceOp.SUM))
-    else:
-        gathered = torch.empty((g.place.size,) + tuple(t.shape), dtype=dtype)
-        g.wait(g.pg._allgather_base(_bytes(gathered), _bytes(t)))
-        t.copy_(_local_reduce(gathered, op))
-        return
-    if op == "avg":
-        t.div_(g.place.size)
 
 
 def allreduce_(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
@@ -116,7 +52,10 @@ def allreduce_(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch.Te
             data.div_(g.place.size)
         return t
     g.agree(sig)
-    _gloo_allreduce_(g, data, op)
+    if g.hier is not None:
+        g.hier.allreduce_(data, op)
+    else:
+        gloo_allreduce_(g.wait, g.pg, g.place.size, data, op)
     return t
 
 
@@ -151,7 +90,9 @@ def broadcast_(g: Group, t: torch.Tensor, root: int, name: str | None) -> torch.
         g.shm.broadcast_(t, root, sig if g.config.check_collectives else ())
         return t
     g.agree(sig)
-    if t.numel():
+    if t.numel() and g.hier is not None and not t.is_cuda:
+        g.hier.broadcast_(_data(t), root, g.place.local_ranks()[root])
+    elif t.numel():
         pg = g.nccl() if t.is_cuda else g.pg
         g.wait(pg.broadcast(_bytes(_data(t)), root))
     return t

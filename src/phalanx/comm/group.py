@@ -25,6 +25,7 @@ from .shmnames import segment_path
 from .work import Handle, OrderedExecutor
 
 if TYPE_CHECKING:
+    from .hier import Hierarchy
     from .shm import ShmAllreduce
 
 log = logging.getLogger("phalanx.comm")
@@ -56,14 +57,25 @@ class Placement:
         """How many hosts have a worker of this local rank (Horovod's cross_size)."""
         return len(self._cross())
 
-    def _cross(self) -> list[int]:
-        """Global ranks with this worker's local rank, one per host, in host order."""
+    def local_ranks(self) -> list[int]:
+        """Each global rank's local rank on its host (ranks are packed host by host)."""
         seen: dict[str, int] = {}
         local: list[int] = []
         for h in self.hosts:
             local.append(seen.get(h, 0))
             seen[h] = local[-1] + 1
-        return [i for i, q in enumerate(local) if q == self.local_rank]
+        return local
+
+    def _cross(self) -> list[int]:
+        """Global ranks with this worker's local rank, one per host, in host order."""
+        return [i for i, q in enumerate(self.local_ranks()) if q == self.local_rank]
+
+    @property
+    def uniform(self) -> bool:
+        """Several hosts, each with the same number (more than one) of this generation's ranks:
+        the layout the hierarchical collectives need."""
+        counts = {h: self.hosts.count(h) for h in self.hosts}
+        return len(counts) > 1 and len(set(counts.values())) == 1 and self.local_size > 1
 
 
 class TransportError(RuntimeError):
@@ -84,37 +96,80 @@ class Group:
         self.broken: str | None = None
         self._started = 0
         self._since: float | None = None
-        timeout = timedelta(seconds=config.backstop)
-        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=config.bind_addr)]
-        opts._timeout = timeout
         try:
             # Typed Any: torch's stubs omit the backend's collective methods.
-            self.pg: Any = dist.ProcessGroupGloo(store, place.rank, place.size, opts)
+            self.pg: Any = dist.ProcessGroupGloo(store, place.rank, place.size, self._gloo_opts())
         except RuntimeError as e:
             raise WorkerLost(f"could not connect the generation {place.generation} process "
                              f"group: {e}", generation=place.generation) from e
         self._nccl: Any = None
         self._exec = OrderedExecutor(f"phalanx-comm-g{place.generation}")
         self.shm: ShmAllreduce | None = None
+        """The shared-memory engine when every rank is on this host."""
+        self.hier: Hierarchy | None = None
+        """Host-level shared memory plus cross-host Gloo, when the hosts are `uniform`."""
         self.shm_path = segment_path(job_id, place.generation)
-        if self._use_shm():
-            self._open_shm()
+        path = self._pick_path()
+        if path == "shm":
+            self.shm = self._open_shm()
+        elif path == "hier":
+            self._open_hier()
 
     # ----------------------------------------------------------------- setup
-    def _use_shm(self) -> bool:
-        algo = self.config.allreduce_algo
-        one_host = self.place.size > 1 and self.place.local_size == self.place.size
-        if algo == "shm" and not one_host:
-            log.warning("allreduce_algo='shm' needs every rank on one host; using Gloo")
-        return one_host and algo in ("auto", "shm")
+    def _pick_path(self) -> str:
+        """'shm', 'hier' or 'gloo', from the configured algorithm and the placement."""
+        algo, place = self.config.allreduce_algo, self.place
+        one_host = place.size > 1 and place.local_size == place.size
+        if one_host and algo in ("auto", "shm"):
+            return "shm"
+        if place.uniform and algo in ("auto", "hier"):
+            return "hier"
+        if algo in ("shm", "hier") and place.rank == 0:
+            log.warning("allreduce_algo=%r needs %s; this generation has %d rank(s) on hosts "
+                        "%s: using Gloo", algo, "every rank on one host" if algo == "shm" else
+                        "several hosts with the same number (>1) of ranks each", place.size,
+                        sorted(set(place.hosts)))
+        return "gloo"
 
-    def _open_shm(self) -> None:
+    def _open_hier(self) -> None:
+        from .hier import Hierarchy
+        place = self.place
+        # Segment names carry the host, so hosts that share a /dev/shm (one machine listed
+        # under several names) never collide.
+        host_index = sorted(set(place.hosts)).index(place.hosts[place.rank])
+        self.shm_path = f"{self.shm_path}-h{host_index}"
+        cross_ranks = place._cross()
+        try:
+            cross = dist.ProcessGroupGloo(self._sub_store(f"cross{place.local_rank}"),
+                                          place.cross_rank, place.cross_size, self._gloo_opts())
+        except RuntimeError as e:
+            raise WorkerLost(f"could not connect the generation {place.generation} cross-host "
+                             f"group of local rank {place.local_rank}: {e}",
+                             generation=place.generation) from e
+        self.hier = Hierarchy(self._open_shm(), cross, place.cross_rank, place.cross_size,
+                              place.size, self.wait, cross_ranks)
+
+    def _gloo_opts(self) -> Any:
+        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.config.bind_addr)]
+        opts._timeout = timedelta(seconds=self.config.backstop)
+        return opts
+
+    def _sub_store(self, scope: str) -> dist.Store:
+        """A store for another process group of this generation, keys under `scope`."""
+        from .store import CoordStore
+        if isinstance(self._store, CoordStore):
+            return CoordStore(self._store._client, f"g{self.place.generation}/{scope}",
+                              timeout=self._store._timeout_s,
+                              abort_check=self._store._abort_check)
+        return dist.PrefixStore(scope, self._store)
+
+    def _open_shm(self) -> ShmAllreduce:
         from .shm import ShmAllreduce
         me = self.place.hosts[self.place.rank]
         # Local rank q on this host is the q-th rank i with hosts[i] == this host.
         host_ranks = [i for i, h in enumerate(self.place.hosts) if h == me]
-        self.shm = ShmAllreduce(self.shm_path, self.place.local_rank, self.place.local_size,
+        shm = ShmAllreduce(self.shm_path, self.place.local_rank, self.place.local_size,
                                 capacity_bytes=self.config.shm_max_bytes,
                                 timeout=self.config.backstop,
                                 peer_pids=[self.place.pids[i] for i in host_ranks],
@@ -125,13 +180,13 @@ class Group:
         try:
             self.wait(self.pg.barrier())
         except TransportError as e:
-            self.shm.unlink()
-            self.shm.close()
-            self.shm = None
+            shm.unlink()
+            shm.close()
             raise WorkerLost(f"a peer was lost while generation {self.place.generation} set up "
                              f"shared memory: {e}", generation=self.place.generation) from e
         if self.place.local_rank == 0:
-            self.shm.unlink()
+            shm.unlink()
+        return shm
 
     def close(self) -> None:
         """Release the executor, the shared segment and the process groups."""
@@ -140,6 +195,9 @@ class Group:
             self.shm.unlink()
             self.shm.close()
             self.shm = None
+        if self.hier is not None:
+            self.hier.close()
+            self.hier = None
         for pg in (self._nccl, self.pg):
             if pg is not None:
                 try:
@@ -237,9 +295,7 @@ class Group:
         if self._nccl is None:
             if not dist.is_nccl_available():
                 raise PhalanxError("a CUDA tensor was passed but this torch build has no NCCL")
-            from .store import CoordStore
-            store = (CoordStore(self._store._client, f"g{self.place.generation}/nccl")  # type: ignore[attr-defined]
-                     if hasattr(self._store, "_client") else dist.PrefixStore("nccl", self._store))
+            store = self._sub_store("nccl")
             torch.cuda.set_device(self.place.local_rank % max(1, torch.cuda.device_count()))
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timedelta(seconds=self.config.backstop)

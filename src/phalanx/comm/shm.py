@@ -93,6 +93,52 @@ class ShmAllreduce(ShmSegment):
 
         self._run(n, flat.element_size(), copy_in, work, copy_out, False)
 
+    def allreduce_around_(self, tensor: torch.Tensor, op: str,
+                          between: Callable[[torch.Tensor], None]) -> None:
+        """Allreduce with a step between the halves: the hierarchical path's host level.
+
+        Per round of `capacity_bytes`: reduce-scatter (local rank q ends with the reduction of
+        the q-th of `local_size` near-equal contiguous chunks, in place in `tensor`), then
+        `between(chunk)` (the cross-host allreduce of that chunk; it may rewrite it), then an
+        allgather that gives every local rank every chunk. 'avg' reduces as 'sum': `between`
+        divides. Signatures are the caller's to agree (across hosts); the segment still checks
+        its own words.
+        """
+        flat = self._check_tensor(tensor)
+        dt = flat.dtype
+        ops.check_op(op, dt)
+        fn = _BOOL_FN[op] if dt == torch.bool else _FN[op]
+        n = flat.numel()
+        self._start(_ALLREDUCE, ops.OP_INDEX[op], ops.DTYPE_INDEX[dt], n, -1, ())
+        slots, result = self._dtype_views(dt)
+        me, P = self.local_rank, self.local_size
+        mine, peers = slots[me], [slots[q] for q in self._peers]
+        cap = self.capacity_bytes // flat.element_size()
+        nt = torch.get_num_threads()
+        if nt != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            for base in range(0, max(n, 1), cap):
+                m = min(cap, n - base)
+                c0, c1 = m * me // P, m * (me + 1) // P
+                seg = flat[base:base + m]
+                mine[:c0].copy_(seg[:c0])              # what the other ranks reduce
+                mine[c1:m].copy_(seg[c1:])
+                self._sync()
+                if base == 0:
+                    self._check()
+                out = seg[c0:c1]
+                for s in peers:
+                    fn(out, s[c0:c1], out=out)
+                between(out)
+                result[c0:c1].copy_(out)
+                self._sync()
+                seg[:c0].copy_(result[:c0])
+                seg[c1:].copy_(result[c1:m])
+        finally:
+            if nt != self.threads:
+                torch.set_num_threads(nt)
+
     def broadcast_(self, tensor: torch.Tensor, root: int, signature: Sequence[int] = ()) -> None:
         """Overwrite `tensor` on every local rank with local rank `root`'s tensor."""
         flat = self._check_tensor(tensor)

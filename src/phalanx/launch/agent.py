@@ -66,6 +66,7 @@ class Agent:
                 env.GROWTH: "1" if a.growth else "0", "PYTHONUNBUFFERED": "1"}
         if a.chaos:
             wenv[env.CHAOS] = a.chaos
+        wenv.update(a.env)
         wenv.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.slots)))
         return wenv
 
@@ -140,6 +141,17 @@ def _read_secret(a: argparse.Namespace) -> str:
     return env.get_str(env.SECRET) or ""
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name.replace("_", "").isalnum() or name[0].isdigit():
+        raise argparse.ArgumentTypeError(f"--env {text!r} is not NAME=VALUE (NAME: letters, "
+                                         "digits and underscores)")
+    if name == env.SECRET:
+        raise argparse.ArgumentTypeError(f"--env may not carry {env.SECRET}: argv is visible "
+                                         "to every user; use --secret-file or --secret-stdin")
+    return name, value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phalanx agent", description=__doc__.split("\n\n")[0])
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
@@ -154,6 +166,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
     p.add_argument("--chaos", default=None)
+    p.add_argument("--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE",
+                   help="set this variable for the workers (repeatable; the launcher forwards "
+                   "job-wide PHALANX_* settings this way)")
     p.add_argument("--elastic", action="store_true")
     p.add_argument("--growth", action="store_true")
     p.add_argument("script")

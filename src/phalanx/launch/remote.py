@@ -1,10 +1,12 @@
-"""The launcher's workers on many hosts: one `phalanx agent` per host, started over SSH (or
-directly for the launcher's own host), and their workers' exits as the coordinator hears them.
+"""The launcher's workers on many hosts: one `phalanx agent` per host, started by an
+`AgentStarter` (over SSH, or directly for the launcher's own host; with srun in a Slurm
+allocation, see slurm.py), and their workers' exits as the coordinator hears them.
 
 Each agent gets the job secret on its stdin (never in argv) and keeps stdin open as its
-lifeline: when the launcher ends, the SSH session closes and the agent stops its workers. A host
-whose agent dies (the host crashed, or its SSH session broke) loses all its workers at once:
-they are declared lost together, so the survivors re-form once, not once per worker.
+lifeline: when the launcher ends, the SSH session (or srun step) closes and the agent stops its
+workers. A host whose agent dies (the host crashed, or its SSH session or srun step broke) loses
+all its workers at once: they are declared lost together, so the survivors re-form once, not
+once per worker.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import IO, Any
 
+from .. import env
 from ..coord.membership import Membership
 from . import procs, report
 from .hosts import HostSlots, is_local
@@ -40,6 +44,8 @@ def agent_argv(*, host: HostSlots, address: str, job_id: str, cfg: Any) -> list[
             str(cfg.timeout), "--heartbeat-timeout", str(cfg.heartbeat_timeout)]
     if cfg.chaos:
         argv += ["--chaos", cfg.chaos]
+    for name, value in sorted(env.forwarded(cfg.extra_env).items()):
+        argv += ["--env", f"{name}={value}"]
     if cfg.elastic:
         argv.append("--elastic")
     if cfg.can_grow:
@@ -54,6 +60,25 @@ def ssh_argv(host: str, argv: list[str], ssh_config: str | None) -> list[str]:
     return ["ssh", *opts, "-o", "BatchMode=yes", "-T", host, remote]
 
 
+class AgentStarter(ABC):
+    """How the launcher starts one host's agent: a local process whose stdin reaches the
+    agent's stdin, whose output is the agent's, and whose end is the agent's end."""
+
+    @abstractmethod
+    def command(self, host: HostSlots, argv: list[str]) -> list[str]:
+        """The argv to run locally so that `argv` runs on `host`."""
+
+
+class SshStarter(AgentStarter):
+    """Over SSH (BatchMode, the launcher's working directory); this host's agent directly."""
+
+    def __init__(self, ssh_config: str | None = None) -> None:
+        self.ssh_config = ssh_config
+
+    def command(self, host: HostSlots, argv: list[str]) -> list[str]:
+        return argv if is_local(host.name) else ssh_argv(host.name, argv, self.ssh_config)
+
+
 class AgentFleet:
     """Starts the agents, turns the exits they report into `report.Exit`s, orders respawns."""
 
@@ -63,16 +88,15 @@ class AgentFleet:
         self.hosts, self.m, self.cfg = hosts, membership, cfg
         self._secret, self._job_id, self._address = secret, job_id, address
         self._out, self._err, self._say = out, err, say
+        self._starter: AgentStarter = cfg.agent_starter or SshStarter(cfg.ssh_config)
         self.agents: list[_Agent] = []
         self.live: dict[str, int] = {f"w{h.first_rank + i}": h.first_rank + i
                                      for h in hosts for i in range(h.slots)}
 
     def start(self) -> None:
         for host in self.hosts:
-            argv = agent_argv(host=host, address=self._address, job_id=self._job_id,
-                              cfg=self.cfg)
-            if not is_local(host.name):
-                argv = ssh_argv(host.name, argv, self.cfg.ssh_config)
+            argv = self._starter.command(host, agent_argv(
+                host=host, address=self._address, job_id=self._job_id, cfg=self.cfg))
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
             assert proc.stdin is not None  # PIPE above

@@ -115,6 +115,7 @@ def test_hierarchical_every_op_and_dtype(layout: str) -> None:
 
     def body(g):
         assert g.hier is not None and g.shm is None, "expected the hierarchical path"
+        g.hier.piece_bytes = 4096   # many pieces in flight at once across hosts
         failures, results = every_op(g, n)
         for root in range(n):
             b = make(g.place.rank, torch.float64, 13)

@@ -59,6 +59,26 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def start_allreduce_(wait: Wait, pg: Any, size: int, t: torch.Tensor, op: str,
+                     divide_by: int | None = None) -> Callable[[], None]:
+    """Start `gloo_allreduce_` and return the function that finishes it.
+
+    Dtypes and ops Gloo reduces natively run in the background (Gloo's own threads) until the
+    returned function waits for them, so the caller can compute meanwhile; the rest run now.
+    """
+    if t.numel() and t.dtype in ops.GLOO_NATIVE and not (
+            op in ("min", "max") and t.dtype in _ORDER_KEYS):
+        work = pg.allreduce([t], ops.GLOO_REDUCE[op])
+
+        def finish() -> None:
+            wait(work)
+            if op == "avg":
+                t.div_(divide_by or size)
+        return finish
+    gloo_allreduce_(wait, pg, size, t, op, divide_by)
+    return lambda: None
+
+
 def gloo_allreduce_(wait: Wait, pg: Any, size: int, t: torch.Tensor, op: str,
                     divide_by: int | None = None) -> None:
     """Reduce contiguous CPU tensor `t` in place over `pg` (`size` ranks) with `op`.

@@ -16,11 +16,12 @@ the same bytes on every host, and a host with fewer ranks would have no one to r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .glooreduce import Wait, gloo_allreduce_
+from .glooreduce import Wait, start_allreduce_
 from .shm import ShmAllreduce
 
 
@@ -35,13 +36,17 @@ class Hierarchy:
         self._wait = wait
         self._cross_ranks = cross_ranks
         """Global rank of each member of this rank's cross group, in cross-rank order."""
+        self.piece_bytes = 8 << 20
+        """The cross-host allreduce goes in pieces of this size, each started as soon as the
+        host has reduced it, so reducing the next overlaps sending the last."""
 
     def allreduce_(self, t: torch.Tensor, op: str) -> None:
         """Reduce contiguous CPU tensor `t` in place over the whole job."""
-        def between(chunk: torch.Tensor) -> None:
-            gloo_allreduce_(self._wait, self.cross, self.cross_size, chunk, op,
-                            divide_by=self.size)
-        self.local.allreduce_around_(t, "sum" if op == "avg" else op, between)
+        def between(chunk: torch.Tensor) -> Callable[[], None]:
+            return start_allreduce_(self._wait, self.cross, self.cross_size, chunk, op,
+                                    divide_by=self.size)
+        self.local.allreduce_around_(t, "sum" if op == "avg" else op, between,
+                                     self.piece_bytes)
 
     def broadcast_(self, t: torch.Tensor, root: int, root_local: int) -> None:
         """Copy global rank `root`'s tensor (local rank `root_local` on its host) to every rank."""

@@ -94,15 +94,18 @@ class ShmAllreduce(ShmSegment):
         self._run(n, flat.element_size(), copy_in, work, copy_out, False)
 
     def allreduce_around_(self, tensor: torch.Tensor, op: str,
-                          between: Callable[[torch.Tensor], None]) -> None:
+                          between: Callable[[torch.Tensor], Callable[[], None]],
+                          piece_bytes: int = 8 << 20) -> None:
         """Allreduce with a step between the halves: the hierarchical path's host level.
 
         Per round of `capacity_bytes`: reduce-scatter (local rank q ends with the reduction of
         the q-th of `local_size` near-equal contiguous chunks, in place in `tensor`), then
-        `between(chunk)` (the cross-host allreduce of that chunk; it may rewrite it), then an
-        allgather that gives every local rank every chunk. 'avg' reduces as 'sum': `between`
-        divides. Signatures are the caller's to agree (across hosts); the segment still checks
-        its own words.
+        `between` on that chunk (the cross-host allreduce; it may rewrite it), then an allgather
+        that gives every local rank every chunk. The chunk is handed to `between` in pieces of
+        about `piece_bytes` as each is reduced; `between` may start its work in the background
+        and return the function that finishes it, so the next piece is reduced while the last
+        one crosses the network. 'avg' reduces as 'sum' here: `between` divides. Signatures
+        are the caller's to agree (across hosts); the segment still checks its own words.
         """
         flat = self._check_tensor(tensor)
         dt = flat.dtype
@@ -111,33 +114,60 @@ class ShmAllreduce(ShmSegment):
         n = flat.numel()
         self._start(_ALLREDUCE, ops.OP_INDEX[op], ops.DTYPE_INDEX[dt], n, -1, ())
         slots, result = self._dtype_views(dt)
-        me, P = self.local_rank, self.local_size
-        mine, peers = slots[me], [slots[q] for q in self._peers]
+        mine, peers = slots[self.local_rank], [slots[q] for q in self._peers]
         cap = self.capacity_bytes // flat.element_size()
+        piece = max(1, piece_bytes // flat.element_size())
         nt = torch.get_num_threads()
         if nt != self.threads:
             torch.set_num_threads(self.threads)
         try:
             for base in range(0, max(n, 1), cap):
-                m = min(cap, n - base)
-                c0, c1 = m * me // P, m * (me + 1) // P
-                seg = flat[base:base + m]
-                mine[:c0].copy_(seg[:c0])              # what the other ranks reduce
-                mine[c1:m].copy_(seg[c1:])
-                self._sync()
-                if base == 0:
-                    self._check()
-                out = seg[c0:c1]
-                for s in peers:
-                    fn(out, s[c0:c1], out=out)
-                between(out)
-                result[c0:c1].copy_(out)
-                self._sync()
-                seg[:c0].copy_(result[:c0])
-                seg[c1:].copy_(result[c1:m])
+                self._around_round(flat[base:base + min(cap, n - base)], fn, between, piece,
+                                   mine, peers, result, first=base == 0)
         finally:
             if nt != self.threads:
                 torch.set_num_threads(nt)
+
+    def _around_round(self, seg: torch.Tensor, fn: Callable, between: Callable, piece: int,
+                      mine: torch.Tensor, peers: list[torch.Tensor], result: torch.Tensor,
+                      first: bool) -> None:
+        """One round of allreduce_around_, pipelined piece by piece (same count on every rank).
+
+        Piece j of every rank's chunk: copy in the parts others reduce, sync, reduce ours and
+        start `between` on it; then, as each finishes, publish it, sync, copy the others' out.
+        Slots are read only at the positions of the piece the sync before released; the result
+        area is written only after this op's first sync (every rank has read the last op's).
+        """
+        m, me, P = seg.numel(), self.local_rank, self.local_size
+        bounds = [(m * q // P, m * (q + 1) // P) for q in range(P)]
+        offsets = range(0, max(1, -(-m // P)), piece)
+
+        def part(q: int, off: int) -> tuple[int, int]:
+            b0, b1 = bounds[q]
+            return min(b1, b0 + off), min(b1, b0 + off + piece)
+
+        pending = []
+        for off in offsets:
+            for q in self._peers:
+                p0, p1 = part(q, off)
+                mine[p0:p1].copy_(seg[p0:p1])
+            self._sync()
+            if first:
+                self._check()
+                first = False
+            p0, p1 = part(me, off)
+            out = seg[p0:p1]
+            for s in peers:
+                fn(out, s[p0:p1], out=out)
+            pending.append(between(out))
+        for off, finish in zip(offsets, pending):
+            finish()
+            p0, p1 = part(me, off)
+            result[p0:p1].copy_(seg[p0:p1])
+            self._sync()
+            for q in self._peers:
+                p0, p1 = part(q, off)
+                seg[p0:p1].copy_(result[p0:p1])
 
     def broadcast_(self, tensor: torch.Tensor, root: int, signature: Sequence[int] = ()) -> None:
         """Overwrite `tensor` on every local rank with local rank `root`'s tensor."""

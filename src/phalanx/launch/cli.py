@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Any
 
 BENCHES = ("allreduce", "train", "recovery", "iterative", "soak")
 
@@ -31,10 +32,13 @@ def _run_parser() -> _Parser:
                     "worker's rank, and returns non-zero with a one-line reason if the job fails.",
         epilog="examples:\n  phalanx run -np 4 examples/train_digits.py --epochs 5\n"
                "  phalanx run -np 4 --min-np 2 --max-restarts 3 train.py\n"
-               "  phalanx run -np 4 --chaos kill:rank=2,step=40 train.py",
+               "  phalanx run -np 4 --chaos kill:rank=2,step=40 train.py\n"
+               "  phalanx run -H node1:4,node2:4 train.py\n"
+               "  phalanx run train.py   # in sbatch/salloc: the allocation's tasks, via srun",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-np", "--np", type=int, default=None, metavar="N",
-                   help="number of workers to start (default 1, or every slot of -H/--hostfile)")
+                   help="number of workers to start (default 1, or every slot of -H/--hostfile, or "
+                        "every task of the Slurm allocation this runs in)")
     p.add_argument("--min-np", type=int, default=None, metavar="N",
                    help="fewest workers the job continues with after losses (default: N, so "
                         "any loss fails the job unless --max-restarts is set)")
@@ -66,6 +70,10 @@ def _run_parser() -> _Parser:
                         "are packed host by host")
     p.add_argument("--hostfile", default=None, metavar="FILE",
                    help="hosts from a file of 'HOST slots=N' lines (Horovod / Open MPI format)")
+    p.add_argument("--no-slurm", action="store_true",
+                   help="inside a Slurm allocation, run on this machine only (by default "
+                        "`phalanx run` without -H uses the allocation: every node's tasks, "
+                        "agents started with srun)")
     p.add_argument("--ssh-config", default=None, metavar="FILE",
                    help="ssh_config file for reaching the hosts (passed as ssh -F FILE)")
     p.add_argument("--bind", default=None, metavar="ADDR",
@@ -83,25 +91,7 @@ def run_main(argv: list[str]) -> int:
     """`phalanx run`: validate arguments, then supervise the job."""
     p = _run_parser()
     a = p.parse_args(argv)
-    hosts: list = []
-    if a.hosts or a.hostfile:
-        from .hosts import is_local, parse_hostfile, parse_hosts, place, route_address
-        try:
-            if a.hosts and a.hostfile:
-                raise ValueError("give -H or --hostfile, not both")
-            if a.hosts:
-                entries = parse_hosts(a.hosts)
-            else:
-                with open(a.hostfile) as f:
-                    entries = parse_hostfile(f.read(), a.hostfile)
-            if a.np is None:
-                a.np = sum(n for _, n in entries)
-            hosts = place(entries, a.np)
-            remote = [h.name for h in hosts if not is_local(h.name)]
-            if a.bind is None:
-                a.bind = route_address(remote[0]) if remote else "127.0.0.1"
-        except (OSError, ValueError) as e:
-            p.error(str(e))
+    hosts, starter = _placement(a, p)
     if a.np is None:
         a.np = 1
     if a.np < 1:
@@ -130,8 +120,61 @@ def run_main(argv: list[str]) -> int:
                     timeout=a.timeout,
                     heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos,
                     bind=a.bind or "127.0.0.1", join_file=a.join_file, hosts=hosts,
-                    ssh_config=a.ssh_config)
+                    ssh_config=a.ssh_config, agent_starter=starter)
     return Supervisor(cfg).run()
+
+
+def _placement(a: argparse.Namespace, p: _Parser) -> tuple[list, Any]:
+    """(hosts, agent starter) from -H, --hostfile or the Slurm allocation this runs in; sets
+    a.np and a.bind where they were left to default. ([], None): a local job."""
+    from . import slurm
+    use_slurm = not (a.hosts or a.hostfile or a.no_slurm) and slurm.in_allocation()
+    if not (a.hosts or a.hostfile or use_slurm):
+        return [], None
+    from .hosts import is_local, parse_hostfile, parse_hosts, place, route_address
+    where, starter = "", None
+    try:
+        if a.hosts and a.hostfile:
+            raise ValueError("give -H or --hostfile, not both")
+        if use_slurm:
+            where = " (inside a Slurm allocation; --no-slurm runs on this machine only)"
+            alloc = slurm.allocation()  # raises with the hint above
+            where = (f" (Slurm allocation {alloc.job_id} has {alloc.describe()}; --no-slurm "
+                     "runs on this machine only)")
+            entries, starter = alloc.nodes, slurm.SrunStarter(alloc.job_id)
+        elif a.hosts:
+            entries = parse_hosts(a.hosts)
+        else:
+            with open(a.hostfile) as f:
+                entries = parse_hostfile(f.read(), a.hostfile)
+        if a.np is None:
+            a.np = sum(n for _, n in entries)
+        hosts = place(entries, a.np)
+        remote = [h.name for h in hosts if not is_local(h.name)]
+        if a.bind is None and remote:
+            a.bind = _slurm_bind(remote[0]) if use_slurm else route_address(remote[0])
+        a.bind = a.bind or "127.0.0.1"
+    except (OSError, ValueError) as e:
+        p.error(f"{e}{where}")
+    if use_slurm:
+        sys.stderr.write(f"[phalanx] using Slurm allocation {alloc.job_id}: {a.np} worker(s) on "
+                         f"{', '.join(f'{h.name}:{h.slots}' for h in hosts)}, agents started "
+                         "with srun (--no-slurm: this machine only)\n")
+        sys.stderr.flush()
+    return hosts, starter
+
+
+def _slurm_bind(node: str) -> str:
+    """The local address that routes to `node`, by name or else by the NodeAddr Slurm has."""
+    from .hosts import route_address
+    from .slurm import node_address
+    try:
+        return route_address(node)
+    except ValueError:
+        addr = node_address(node)
+        if addr is None:
+            raise
+        return route_address(addr)
 
 
 def join_main(argv: list[str]) -> int:

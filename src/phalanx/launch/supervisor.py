@@ -29,7 +29,7 @@ from ..coord.server import CoordServer
 from . import procs, report
 from .hosts import HostSlots
 from .procs import CHILD, write_join_file
-from .remote import AgentFleet
+from .remote import AgentFleet, AgentStarter
 from .shmfiles import cleanup as shm_cleanup
 
 __all__ = ["CHILD", "RunConfig", "Supervisor", "write_join_file"]
@@ -70,6 +70,8 @@ class RunConfig:
     """Hosts to run on (one `phalanx agent` each); empty: every worker is a local child."""
     ssh_config: str | None = None
     """An ssh_config file for reaching the hosts (ssh -F)."""
+    agent_starter: AgentStarter | None = None
+    """How each host's agent is started (None: over SSH; `slurm.SrunStarter` in an allocation)."""
 
     @property
     def can_grow(self) -> bool:

@@ -30,8 +30,8 @@ def _children() -> set[int]:
 
 def _segments() -> set[str]:
     try:
-        # Segments of phalanx jobs are named phalanx-<job>-g<generation>.
-        return {n for n in os.listdir("/dev/shm") if re.fullmatch(r"phalanx-\w+-g\d+", n)}
+        # Segments of phalanx jobs are named phalanx-<job>-g<generation>[-h<host index>].
+        return {n for n in os.listdir("/dev/shm") if re.fullmatch(r"phalanx-\w+-g\d+(-h\d+)?", n)}
     except FileNotFoundError:
         return set()
 

@@ -64,24 +64,35 @@ def _worker(args: argparse.Namespace) -> None:
     elif args.worker == "ddp":
         import torch.distributed as dist
         rank, world = args.rank, args.world
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
+        # NCCL needs a GPU per rank; ranks sharing one reduce CUDA tensors over Gloo.
+        backend = ("nccl" if args.device == "cuda" and torch.cuda.device_count() >= world
+                   else "gloo")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
                                 world_size=world)
     _pin(rank)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     model, width = _build(args.model)
+    model.to(device)
     opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     net: Any = model
     if args.worker == "phalanx":
         opt = DistributedOptimizer(opt, model=model)
         broadcast_parameters(model.state_dict(), root=0)
     elif args.worker == "ddp":
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.batch_size, width, generator=g)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    x = torch.randn(args.batch_size, width, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def barrier() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if args.worker == "phalanx":
             px.allreduce(torch.zeros(1), op="sum", name="bench.barrier")
         elif args.worker == "ddp":
@@ -110,6 +121,14 @@ def _worker(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def _gpu_names() -> str:
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("phalanx bench train: --device cuda but torch sees no CUDA device")
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"{len(names)} GPU(s): {', '.join(sorted(set(names)))}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +152,8 @@ def _parse_result(outputs: list[str], what: str) -> dict[str, Any]:
 
 def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     common = [__file__, "--worker", mode, "--model", model, "--steps", str(args.steps),
-              "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+              "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+              "--device", args.device]
     timeout = 600
     if mode == "phalanx":
         cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *common]
@@ -177,6 +197,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1,
                    help="run each mode this many times, interleaved, and keep the best (default 1)")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of mlp,many")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="train on the CPU (default) or on CUDA: a GPU per worker where there "
+                        "are enough (phalanx and DDP use NCCL), else the workers share them and "
+                        "reduce through host memory (phalanx) or Gloo (DDP)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--worker", choices=("phalanx", "ddp", "single"), help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
@@ -209,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     res[mode] = r
         one = res["single"]["samples_per_s"]
         rows.append({
-            "model": model, "params": res["single"]["params"],
+            "model": model, "params": res["single"]["params"], "device": args.device,
             "tensors": res["single"]["tensors"], "np": args.np, "batch_per_worker": args.batch_size,
             "single_samples_per_s": one,
             "ddp_samples_per_s": res["ddp"]["samples_per_s"],
@@ -220,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         })
     head = (f"{'model':6} {'params':>9} {'tensors':>7} {'1-proc/s':>9} {'DDP/s':>9} "
             f"{'phalanx/s':>9} {'px/DDP':>7} {'eff px':>7} {'eff DDP':>7}")
-    print(f"train throughput, {args.np} workers, batch {args.batch_size}/worker, "
+    where = "CPU, one core each" if args.device == "cpu" else _gpu_names()
+    print(f"train throughput on {where}, {args.np} workers, batch {args.batch_size}/worker, "
           f"{args.steps} timed steps, best of {args.repeat} (samples/s)")
     print(head)
     for r in rows:

@@ -34,9 +34,19 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
+def _staged(g: Group, t: torch.Tensor) -> bool:
+    """A CUDA tensor that must take the CPU path (see `Group.nccl_ok`)."""
+    return t.is_cuda and not g.nccl_ok
+
+
 def allreduce_(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
     """Reduce `t` in place across ranks (its data: autograd does not see the reduction)."""
     ops.check_op(op, t.dtype)
+    if _staged(g, t):
+        host = _data(t).cpu()
+        allreduce_(g, host, op, name)
+        _data(t).copy_(host)
+        return t
     sig = ops.signature("allreduce", op=op, dtype=t.dtype, shape=t.shape, name=name)
     if g.shm is not None and not t.is_cuda:
         # The engine always compares its own words (kind, op, dtype, numel); ours only when
@@ -62,6 +72,8 @@ def allreduce_(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch.Te
 def allgather(g: Group, t: torch.Tensor, name: str | None) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0; first dims may differ."""
     t = _data(t)
+    if _staged(g, t):
+        return allgather(g, t.cpu(), name).to(t.device)
     if t.dim() == 0:
         t = t.reshape(1)
     sigs = g.agree(ops.signature("allgather", dtype=t.dtype, shape=t.shape, name=name))
@@ -85,6 +97,11 @@ def allgather(g: Group, t: torch.Tensor, name: str | None) -> torch.Tensor:
 def broadcast_(g: Group, t: torch.Tensor, root: int, name: str | None) -> torch.Tensor:
     """Copy root's tensor into `t` on every rank."""
     _check_root(g, root)
+    if _staged(g, t):
+        host = _data(t).cpu()
+        broadcast_(g, host, root, name)
+        _data(t).copy_(host)
+        return t
     sig = ops.signature("broadcast", dtype=t.dtype, shape=t.shape, root=root, name=name)
     if g.shm is not None and not t.is_cuda:
         g.shm.broadcast_(t, root, sig if g.config.check_collectives else ())
@@ -112,6 +129,9 @@ def alltoall(g: Group, t: torch.Tensor, splits: Sequence[int] | None,
     """Send `splits[j]` rows of dim 0 to rank j; return what was received and from whom."""
     n = g.place.size
     t = _data(t)
+    if _staged(g, t):
+        out, recv = alltoall(g, t.cpu(), splits, name)
+        return out.to(t.device), recv
     if t.dim() == 0:
         raise ConfigError("alltoall needs a tensor with at least one dimension, got a scalar")
     if splits is None:

@@ -103,6 +103,8 @@ class Group:
             raise WorkerLost(f"could not connect the generation {place.generation} process "
                              f"group: {e}", generation=place.generation) from e
         self._nccl: Any = None
+        self._nccl_ok: bool | None = None
+        self._keep_store: dist.Store | None = None
         self._exec = OrderedExecutor(f"phalanx-comm-g{place.generation}")
         self.shm: ShmAllreduce | None = None
         """The shared-memory engine when every rank is on this host."""
@@ -290,12 +292,29 @@ class Group:
                 raise CollectiveMismatch(msg)
         return sigs
 
+    @property
+    def nccl_ok(self) -> bool:
+        """CUDA tensors can go through NCCL: it is built in, and this host has a GPU for each of
+        its ranks (NCCL refuses two ranks on one device). Otherwise they are staged through
+        host memory and take the CPU path (shared memory / Gloo)."""
+        if self._nccl_ok is None:
+            self._nccl_ok = bool(dist.is_nccl_available() and torch.cuda.is_available()
+                                 and torch.cuda.device_count() >= self.place.local_size)
+            if not self._nccl_ok and self.place.rank == 0:
+                log.warning("CUDA tensors are staged through host memory: %d rank(s) per host, "
+                            "%d GPU(s) on this one%s", self.place.local_size,
+                            torch.cuda.device_count(),
+                            "" if dist.is_nccl_available() else ", and no NCCL in this torch")
+        return self._nccl_ok
+
     def nccl(self) -> Any:
         """The NCCL group for CUDA tensors, created on first use."""
         if self._nccl is None:
             if not dist.is_nccl_available():
                 raise PhalanxError("a CUDA tensor was passed but this torch build has no NCCL")
-            store = self._sub_store("nccl")
+            # NCCL bootstraps lazily, at the first collective, through the Python store: keep
+            # it referenced, or its overrides are gone by then ("Not implemented").
+            store = self._keep_store = self._sub_store("nccl")
             torch.cuda.set_device(self.place.local_rank % max(1, torch.cuda.device_count()))
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timedelta(seconds=self.config.backstop)

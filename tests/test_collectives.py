@@ -123,7 +123,7 @@ def test_hierarchical_every_op_and_dtype(layout: str) -> None:
             if not torch.equal(b, make(root, torch.float64, 13)):
                 failures.append(f"broadcast from root {root}: {b}")
         return failures, results
-    out = run_ranks(n, body, algo="auto", hosts=hosts, shm_max_bytes=64 << 10)
+    out = run_ranks(n, body, algo="hier", hosts=hosts, shm_max_bytes=64 << 10)
     for r, res in enumerate(out):
         assert not isinstance(res, BaseException), f"rank {r}: {res!r}"
         assert res[0] == [], f"rank {r}: {res[0][:3]}"
@@ -131,6 +131,23 @@ def test_hierarchical_every_op_and_dtype(layout: str) -> None:
         for a, b in zip(out[0][1], out[r][1]):
             assert torch.equal(a.view(torch.uint8) if a.numel() else a,
                                b.view(torch.uint8) if b.numel() else b), f"rank {r} differs from 0"
+
+
+@pytest.mark.timeout(60)
+def test_auto_takes_the_hierarchical_path_from_hier_min_bytes() -> None:
+    """'auto' builds the hierarchical levels for 2 x 2, but sends tensors below hier_min_bytes
+    flat (fewer stages); at or above it, and always under 'hier', hierarchically."""
+    def body(g):
+        calls = []
+        inner = g.hier.allreduce_
+        g.hier.allreduce_ = lambda t, op: (calls.append(t.numel()), inner(t, op))
+        for numel in (255, 256, 1000):         # 1020, 1024, 4000 bytes
+            t = torch.ones(numel) * (g.place.rank + 1)
+            C.allreduce_(g, t, "sum", None)
+            assert torch.equal(t, torch.full((numel,), 10.0))
+        return calls
+    for res in run_ranks(4, body, algo="auto", hosts=["a", "a", "b", "b"], hier_min_bytes=1024):
+        assert res == [256, 1000], res
 
 
 @pytest.mark.timeout(60)

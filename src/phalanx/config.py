@@ -37,6 +37,11 @@ class Config:
     shm_max_bytes: int = 64 << 20
     """Bytes of shared memory per rank for the intra-host path; larger tensors go in chunks."""
 
+    hier_min_bytes: int = 4 << 20
+    """With 'auto', tensors smaller than this take flat Gloo even where the hierarchical path
+    exists: below it the extra shared-memory stages cost more than the host links save
+    (measured crossover between 1 and 16 MB on 2 x 2 simulated hosts, BENCHMARKS.md)."""
+
     check_collectives: bool = True
     """Compare op, shape, dtype and name across ranks before each collective (CollectiveMismatch)."""
 
@@ -56,6 +61,9 @@ class Config:
             raise ConfigError(
                 f"heartbeat_timeout={self.heartbeat_timeout} must exceed heartbeat_interval="
                 f"{self.heartbeat_interval}; a worker would be declared lost between two beats")
+        if self.hier_min_bytes < 0:
+            raise ConfigError(f"hier_min_bytes={self.hier_min_bytes} must be >= 0 (0: every "
+                              f"size goes hierarchical); set {env.HIER_MIN_BYTES}")
         if self.shm_max_bytes < 4096:
             raise ConfigError(f"shm_max_bytes={self.shm_max_bytes} is too small; use at least 4096")
 
@@ -75,6 +83,7 @@ class Config:
             "heartbeat_timeout": env.get_float(env.HEARTBEAT_TIMEOUT, 3.0),
             "allreduce_algo": env.get_str(env.ALLREDUCE_ALGO, "auto"),
             "shm_max_bytes": env.get_int(env.SHM_MAX_BYTES, 64 << 20),
+            "hier_min_bytes": env.get_int(env.HIER_MIN_BYTES, 4 << 20),
             "check_collectives": env.get_bool(env.CHECK_COLLECTIVES, True),
             "bind_addr": env.get_str(env.BIND_ADDR, "127.0.0.1"),
         }

@@ -121,7 +121,9 @@ def format_table(result: dict) -> str:
 
 def _legend(result: dict) -> str:
     text = ["columns: us = median microseconds per allreduce; bw = busbw, GB/s (algbw * 2(n-1)/n)",
-            "  phalanx/hier: px.allreduce_ on the path phalanx picks; flat: phalanx's flat Gloo path",
+            ("  phalanx/hier: px.allreduce_ on the path phalanx picks (across hosts: the "
+             "hierarchical one at every size; 'auto' takes it from PHALANX_HIER_MIN_BYTES, 4 MiB)"),
+            "  flat: phalanx's flat Gloo path",
             "  local: the hierarchical path's shared-memory part alone",
             "  gloo: raw torch.distributed Gloo; tcp: raw TCP ring moving a flat ring's bytes"]
     if "link" in result:
@@ -193,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig(np=a.np, script=WORKER, args=[
         "--sizes", ",".join(map(str, sizes)), "--paths", ",".join(paths),
         "--min-time", str(a.min_time)],
-        extra_env={"PHALANX_ALLREDUCE": a.algo, "PHALANX_SHM_MAX_BYTES": str(64 << 20)},
+        # Across hosts, time the hierarchical path at every size ('auto' would send the small
+        # sizes flat, below PHALANX_HIER_MIN_BYTES), so the table shows where it pays.
+        extra_env={"PHALANX_ALLREDUCE": "hier" if uniform and a.algo == "auto" else a.algo,
+                   "PHALANX_SHM_MAX_BYTES": str(64 << 20)},
         timeout=120, hosts=hosts, ssh_config=a.ssh_config, bind=bind)
     out = ResultTee(sys.stdout.buffer)
     rc = Supervisor(cfg, out=out).run()  # type: ignore[arg-type]

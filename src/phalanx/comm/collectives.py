@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..errors import CollectiveMismatch, ConfigError
 from . import ops
@@ -37,6 +36,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def _staged(g: Group, t: torch.Tensor) -> bool:
     """A CUDA tensor that must take the CPU path (see `Group.nccl_ok`)."""
     return t.is_cuda and not g.nccl_ok
+
+
+def _hierarchical(g: Group, t: torch.Tensor) -> bool:
+    """Take the hierarchical path: it exists, and it was forced or `t` is large enough."""
+    return g.hier is not None and (g.config.allreduce_algo == "hier" or
+                                   t.numel() * t.element_size() >= g.config.hier_min_bytes)
 
 
 def allreduce_(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
@@ -62,7 +67,7 @@ def allreduce_(g: Group, t: torch.Tensor, op: str, name: str | None) -> torch.Te
             data.div_(g.place.size)
         return t
     g.agree(sig)
-    if g.hier is not None:
+    if _hierarchical(g, data):
         g.hier.allreduce_(data, op)
     else:
         gloo_allreduce_(g.wait, g.pg, g.place.size, data, op)
@@ -107,7 +112,7 @@ def broadcast_(g: Group, t: torch.Tensor, root: int, name: str | None) -> torch.
         g.shm.broadcast_(t, root, sig if g.config.check_collectives else ())
         return t
     g.agree(sig)
-    if t.numel() and g.hier is not None and not t.is_cuda:
+    if t.numel() and not t.is_cuda and _hierarchical(g, t):
         g.hier.broadcast_(_data(t), root, g.place.local_ranks()[root])
     elif t.numel():
         pg = g.nccl() if t.is_cuda else g.pg

@@ -1,0 +1,7 @@
+"""A maintained home for Horovod users: ``import phalanx.horovod.torch as hvd``.
+
+`phalanx.horovod.torch` follows the API and documented behaviour of ``horovod.torch`` (its
+last release was in June 2023), written fresh on top of phalanx's public API. A Horovod
+script changes one import line and runs under ``phalanx run -np N script.py``; it gains
+phalanx's recovery from lost workers. See `phalanx.horovod.torch` for what differs.
+"""

@@ -1,0 +1,58 @@
+"""Horovod's PyTorch API on phalanx: change ``import horovod.torch as hvd`` to
+``import phalanx.horovod.torch as hvd`` and run the script with ``phalanx run -np N``.
+
+    import phalanx.horovod.torch as hvd
+    hvd.init()
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+Everything named in `__all__` follows Horovod's documented signatures and behaviour, with
+these differences (each module's docstring has the details):
+
+- ranks must issue collectives in the same order: phalanx matches operations by order, not by
+  name as Horovod's negotiation does; a different order or name fails on every rank with
+  `CollectiveMismatch` instead of stalling;
+- only `global_process_set` exists (other sets raise NotImplementedError);
+- `join()` returns the last rank to join, but joined ranks do not serve other ranks'
+  allreduces; broadcast/alltoall/reducescatter `*_async` forms complete before returning;
+- `shutdown()` is soft (the worker stays in its phalanx job until exit), so `init()` works
+  again afterwards; timelines are not recorded;
+- elastic jobs heal forward from the most advanced rank instead of rolling back to the last
+  commit (see `phalanx.horovod.torch.elastic`).
+"""
+
+from __future__ import annotations
+
+from . import elastic
+from .compression import Compression
+from .functions import (allgather_object, broadcast_object, broadcast_optimizer_state,
+                        broadcast_parameters)
+from .mpi_ops import (Adasum, Average, HorovodInternalError, Max, Min, ProcessSet, Product, Sum,
+                      add_process_set, allgather, allgather_async, allreduce, allreduce_,
+                      allreduce_async, allreduce_async_, alltoall, alltoall_async, barrier,
+                      broadcast, broadcast_, broadcast_async, broadcast_async_, ccl_built,
+                      cross_rank, cross_size, cuda_built, ddl_built, global_process_set, gloo_built,
+                      gloo_enabled, gpu_available, grouped_allgather, grouped_allgather_async,
+                      grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
+                      grouped_allreduce_async_, grouped_reducescatter, grouped_reducescatter_async,
+                      init, is_initialized, join, local_rank, local_size, mpi_built, mpi_enabled,
+                      mpi_threads_supported, nccl_built, poll, rank, reducescatter,
+                      reducescatter_async, remove_process_set, rocm_built, shutdown, size,
+                      start_timeline, stop_timeline, synchronize)
+from .optimizer import DistributedOptimizer
+
+__all__ = [
+    "Adasum", "Average", "Compression", "DistributedOptimizer", "HorovodInternalError", "Max",
+    "Min", "ProcessSet", "Product", "Sum", "add_process_set", "allgather", "allgather_async",
+    "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+    "alltoall", "alltoall_async", "barrier", "broadcast", "broadcast_", "broadcast_async",
+    "broadcast_async_", "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters",
+    "ccl_built", "cross_rank", "cross_size", "cuda_built", "ddl_built", "elastic",
+    "global_process_set", "gloo_built", "gloo_enabled", "gpu_available", "grouped_allgather",
+    "grouped_allgather_async", "grouped_allreduce", "grouped_allreduce_",
+    "grouped_allreduce_async", "grouped_allreduce_async_", "grouped_reducescatter",
+    "grouped_reducescatter_async", "init", "is_initialized", "join", "local_rank", "local_size",
+    "mpi_built", "mpi_enabled", "mpi_threads_supported", "nccl_built", "poll", "rank",
+    "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built", "shutdown",
+    "size", "start_timeline", "stop_timeline", "synchronize",
+]

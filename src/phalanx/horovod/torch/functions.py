@@ -1,0 +1,70 @@
+"""Horovod's helpers: broadcast_parameters, broadcast_optimizer_state and the object
+collectives, on phalanx's fused implementations.
+
+Differences from Horovod: objects travel with the standard `pickle` (HMAC-checked), not
+cloudpickle, so lambdas and locally defined classes cannot be sent; and
+`broadcast_optimizer_state` sends root's whole state (its structure included), so ranks whose
+optimizer has no state yet simply receive root's, instead of Horovod's zero-gradient step to
+create one (which moves parameters under weight decay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .basics import require_init
+from .process_sets import ProcessSet, check, global_process_set
+
+
+def _px() -> Any:
+    import phalanx as px
+    return px
+
+
+def broadcast_parameters(params: Any, root_rank: int) -> None:
+    """Overwrite every rank's tensors, in place, with root's.
+
+    `params`: a `state_dict()` (sent in sorted key order, as Horovod does), or a list or
+    iterable of `named_parameters()` pairs or of bare tensors (`model.parameters()`)."""
+    require_init("broadcast_parameters")
+    if isinstance(params, Mapping):
+        items = sorted(params.items(), key=lambda kv: str(kv[0]))
+    elif isinstance(params, Iterable) and not isinstance(params, (str, bytes, torch.Tensor)):
+        items = [p if isinstance(p, tuple) else (f"param.{i}", p) for i, p in enumerate(params)]
+    else:
+        raise ValueError(f"broadcast_parameters: params of type {type(params).__name__} is not "
+                         "supported; pass model.state_dict() or model.named_parameters()")
+    for i, item in enumerate(items):
+        if len(item) != 2 or not isinstance(item[1], torch.Tensor):
+            raise ValueError(f"broadcast_parameters: entry {i} ({item!r:.80}) is not a tensor "
+                             "or a (name, tensor) pair")
+    _px().broadcast_parameters(items, root=root_rank)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
+                              model: torch.nn.Module | None = None) -> None:
+    """Make every rank's optimizer state and hyper-parameters (lr, ...) equal to root's."""
+    require_init("broadcast_optimizer_state")
+    if not hasattr(optimizer, "state_dict") or not hasattr(optimizer, "load_state_dict"):
+        raise ValueError(f"broadcast_optimizer_state: optimizer={type(optimizer).__name__} has "
+                         "no state_dict()/load_state_dict(); pass a torch optimizer")
+    _px().broadcast_optimizer_state(optimizer, root=root_rank)
+
+
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> Any:
+    """Root's picklable object on every rank."""
+    require_init("broadcast_object")
+    check(process_set, "broadcast_object")
+    return _px().broadcast_object(obj, root=root_rank)
+
+
+def allgather_object(obj: Any, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> list[Any]:
+    """Every rank's picklable object, as a list in rank order."""
+    require_init("allgather_object")
+    check(process_set, "allgather_object")
+    return list(_px().allgather_object(obj))

@@ -1,0 +1,315 @@
+"""Horovod's allgather, broadcast, alltoall, reducescatter, barrier and join over phalanx.
+
+The out-of-place forms are differentiable with Horovod's gradient rules: allgather's gradient
+is this rank's slice of the averaged incoming gradient; broadcast's is the averaged gradient on
+the root and zero elsewhere; alltoall's sends the gradient back along the received splits;
+reducescatter's is the allgather of the gradient (times the rank count for Sum, and the scale
+factors). Allgather's async forms overlap; broadcast, alltoall and reducescatter's async forms
+run at once (phalanx has no async form of them yet) and return a finished handle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import handles
+from . import reduce as R
+from .allreduce_ops import allreduce, check_tensor, check_tensors, fresh
+from .basics import Average, Sum, require_init
+from .compression import Compression, Compressor
+from .process_sets import ProcessSet, check, global_process_set
+
+
+def _px() -> Any:
+    import phalanx as px
+    return px
+
+
+def _prepare(what: str, process_set: ProcessSet) -> None:
+    require_init(what)
+    check(process_set, what)
+
+
+# ---------------------------------------------------------------- allgather
+def allgather_async(tensor: torch.Tensor, name: str | None = None,
+                    process_set: ProcessSet = global_process_set) -> int:
+    """Start concatenating every rank's `tensor` along dim 0 (first dims may differ)."""
+    _prepare("allgather_async", process_set)
+    t = fresh(check_tensor(tensor, "allgather_async"))
+    return handles.start("allgather", name, lambda: _px().allgather_async(t, name=name))
+
+
+class _Allgather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, name: str | None) -> torch.Tensor:
+        ctx.shape = tensor.shape
+        t = fresh(tensor)
+        return handles.run("allgather", name, lambda: _px().allgather_async(t, name=name))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        px = _px()
+        rows = ctx.shape[0] if len(ctx.shape) else 1
+        reduced = allreduce(grad, op=Average)
+        counts = px.allgather(torch.tensor([rows], dtype=torch.int64))
+        offset = int(counts[:px.rank()].sum())
+        return reduced.narrow(0, offset, rows).reshape(ctx.shape), None
+
+
+def allgather(tensor: torch.Tensor, name: str | None = None,
+              process_set: ProcessSet = global_process_set) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0, in rank order; differentiable."""
+    _prepare("allgather", process_set)
+    return _Allgather.apply(check_tensor(tensor, "allgather"), name)
+
+
+def grouped_allgather_async(tensors: list[torch.Tensor], name: str | None = None,
+                            process_set: ProcessSet = global_process_set) -> int:
+    """Start allgathering each tensor of the list; the handle yields a list."""
+    _prepare("grouped_allgather_async", process_set)
+    ts = [fresh(t) for t in check_tensors(tensors, "grouped_allgather_async")]
+
+    def make() -> handles.Waitable:
+        px = _px()
+        inner = [px.allgather_async(t, name=f"{name}.{i}" if name else None)
+                 for i, t in enumerate(ts)]
+        return handles.Chain(inner, lambda outs: outs)
+
+    return handles.start("grouped_allgather", name, make)
+
+
+def grouped_allgather(tensors: list[torch.Tensor], name: str | None = None,
+                      process_set: ProcessSet = global_process_set) -> list[torch.Tensor]:
+    """`allgather` of each tensor of the list; differentiable."""
+    _prepare("grouped_allgather", process_set)
+    return [allgather(t, f"{name}.{i}" if name else None)
+            for i, t in enumerate(check_tensors(tensors, "grouped_allgather"))]
+
+
+# ---------------------------------------------------------------- broadcast
+def _check_root(root_rank: Any, what: str) -> int:
+    n = _px().size()
+    if isinstance(root_rank, bool) or not isinstance(root_rank, int) or not 0 <= root_rank < n:
+        raise ValueError(f"{what}: root_rank={root_rank!r} is not a rank of this job (size {n}); "
+                         f"use 0..{n - 1}")
+    return root_rank
+
+
+def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                    process_set: ProcessSet = global_process_set) -> int:
+    """Root's `tensor` on every rank, as a new tensor (runs at once; see module docstring)."""
+    _prepare("broadcast_async", process_set)
+    root = _check_root(root_rank, "broadcast_async")
+    t = fresh(check_tensor(tensor, "broadcast_async"))
+    return handles.start("broadcast", name,
+                         lambda: handles.Done(_px().broadcast_(t, root, name=name)))
+
+
+def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> int:
+    """Overwrite `tensor` with root's on every rank (runs at once; see module docstring)."""
+    _prepare("broadcast_async_", process_set)
+    root = _check_root(root_rank, "broadcast_async_")
+    t = check_tensor(tensor, "broadcast_async_")
+    return handles.start("broadcast", name,
+                         lambda: handles.Done(_px().broadcast_(t, root, name=name)))
+
+
+def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+               process_set: ProcessSet = global_process_set) -> torch.Tensor:
+    """Overwrite `tensor` with root's on every rank and return it."""
+    return handles.synchronize(broadcast_async_(tensor, root_rank, name, process_set))
+
+
+class _Broadcast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, root: int, name: str | None) -> torch.Tensor:
+        ctx.root = root
+        t = fresh(tensor)
+        return handles.run("broadcast", name,
+                           lambda: handles.Done(_px().broadcast_(t, root, name=name)))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        reduced = allreduce(grad, op=Average)
+        if _px().rank() != ctx.root:
+            reduced = torch.zeros_like(reduced)
+        return reduced, None, None
+
+
+def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+              process_set: ProcessSet = global_process_set) -> torch.Tensor:
+    """Root's `tensor` on every rank, as a new tensor; differentiable."""
+    _prepare("broadcast", process_set)
+    root = _check_root(root_rank, "broadcast")
+    return _Broadcast.apply(check_tensor(tensor, "broadcast"), root, name)
+
+
+# ---------------------------------------------------------------- alltoall
+def _splits(splits: Any, what: str) -> list[int] | None:
+    if splits is None:
+        return None
+    if isinstance(splits, torch.Tensor):
+        return [int(s) for s in splits.reshape(-1).tolist()]
+    if isinstance(splits, Sequence) and not isinstance(splits, (str, bytes)):
+        return [int(s) for s in splits]
+    raise ValueError(f"{what}: splits={splits!r} must be None, a list of ints or an int tensor "
+                     "(rows for rank 0, rank 1, ...)")
+
+
+def _alltoall(t: torch.Tensor, splits: list[int] | None, name: str | None) -> Any:
+    return _px().alltoall(t, splits=splits, name=name, return_splits=True)
+
+
+def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
+                   process_set: ProcessSet = global_process_set) -> int:
+    """Start an alltoall (runs at once); the handle yields (output, received_splits)."""
+    _prepare("alltoall_async", process_set)
+    t = fresh(check_tensor(tensor, "alltoall_async"))
+    send, dtype = _splits(splits, "alltoall_async"), _splits_dtype(splits)
+
+    def make() -> handles.Waitable:
+        out, recv = _alltoall(t, send, name)
+        return handles.Done((out, torch.tensor(recv, dtype=dtype)))
+
+    return handles.start("alltoall", name, make)
+
+
+def _splits_dtype(splits: Any) -> torch.dtype:
+    return splits.dtype if isinstance(splits, torch.Tensor) else torch.int32
+
+
+class _Alltoall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, splits: list[int] | None, dtype: torch.dtype,
+                name: str | None) -> Any:
+        t = fresh(tensor)
+        out, recv = handles.run("alltoall", name, lambda: handles.Done(_alltoall(t, splits, name)))
+        ctx.recv = recv
+        if splits is None:
+            return out
+        received = torch.tensor(recv, dtype=dtype)
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        back, _ = alltoall(grad, splits=ctx.recv)
+        return back, None, None, None
+
+
+def alltoall(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
+             process_set: ProcessSet = global_process_set) -> Any:
+    """Send `splits[j]` rows of dim 0 to rank j (equal parts when None); return what arrived
+    in rank order, and with `splits` given also a tensor of rows received from each rank."""
+    _prepare("alltoall", process_set)
+    t = check_tensor(tensor, "alltoall")
+    return _Alltoall.apply(t, _splits(splits, "alltoall"), _splits_dtype(splits), name)
+
+
+# ---------------------------------------------------------------- reducescatter
+def _rs_op(op: Any, what: str) -> int:
+    op = R.check_op(op, what)
+    if op not in (Average, Sum):
+        raise ValueError(f"{what}: op={op!r} is not supported; reducescatter takes hvd.Average "
+                         "or hvd.Sum (as in Horovod)")
+    return op
+
+
+def _reducescatter(t: torch.Tensor, op: int, pre: float, post: float,
+                   name: str | None) -> torch.Tensor:
+    px = _px()
+    R.scale_(t, pre)
+    out = px.reducescatter(t, op="sum", name=name)
+    R.scale_(out, R.post_factor(op, post, px.size()))
+    return out
+
+
+class _Reducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, name: str | None, pre: float,
+                post: float) -> torch.Tensor:
+        ctx.op, ctx.pre, ctx.post = op, pre, post
+        t = fresh(tensor)
+        return handles.run("reducescatter", name,
+                           lambda: handles.Done(_reducescatter(t, op, pre, post, name)))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        factor = (_px().size() if ctx.op == Sum else 1) * ctx.pre * ctx.post
+        return allgather(grad * factor if factor != 1 else grad), None, None, None, None
+
+
+def reducescatter(tensor: torch.Tensor, name: str | None = None,
+                  compression: type[Compressor] | Compressor = Compression.none,
+                  op: int = Average, process_set: ProcessSet = global_process_set,
+                  prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> torch.Tensor:
+    """Reduce across ranks and keep this rank's rows of dim 0 (the first `dim0 % size` ranks
+    get one row more); differentiable."""
+    _prepare("reducescatter", process_set)
+    op = _rs_op(op, "reducescatter")
+    pre = R.check_factor(prescale_factor, "prescale_factor", "reducescatter")
+    post = R.check_factor(postscale_factor, "postscale_factor", "reducescatter")
+    compressed, cctx = compression.compress(check_tensor(tensor, "reducescatter"))
+    return compression.decompress(_Reducescatter.apply(compressed, op, name, pre, post), cctx)
+
+
+def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int = Average,
+                        process_set: ProcessSet = global_process_set,
+                        prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> int:
+    """`reducescatter`, run at once; the handle yields the result."""
+    _prepare("reducescatter_async", process_set)
+    op = _rs_op(op, "reducescatter_async")
+    pre = R.check_factor(prescale_factor, "prescale_factor", "reducescatter_async")
+    post = R.check_factor(postscale_factor, "postscale_factor", "reducescatter_async")
+    t = fresh(check_tensor(tensor, "reducescatter_async"))
+    return handles.start("reducescatter", name,
+                         lambda: handles.Done(_reducescatter(t, op, pre, post, name)))
+
+
+def grouped_reducescatter(tensors: list[torch.Tensor], name: str | None = None,
+                          compression: type[Compressor] | Compressor = Compression.none,
+                          op: int = Average, process_set: ProcessSet = global_process_set,
+                          prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list[torch.Tensor]:
+    """`reducescatter` of each tensor of the list; differentiable."""
+    return [reducescatter(t, f"{name}.{i}" if name else None, compression, op, process_set,
+                          prescale_factor, postscale_factor)
+            for i, t in enumerate(check_tensors(tensors, "grouped_reducescatter"))]
+
+
+def grouped_reducescatter_async(tensors: list[torch.Tensor], name: str | None = None,
+                                op: int = Average, process_set: ProcessSet = global_process_set,
+                                prescale_factor: float = 1.0,
+                                postscale_factor: float = 1.0) -> int:
+    """`grouped_reducescatter`, run at once; the handle yields the list."""
+    _prepare("grouped_reducescatter_async", process_set)
+    outs = grouped_reducescatter(tensors, name, Compression.none, op, process_set,
+                                 prescale_factor, postscale_factor)
+    return handles.start("grouped_reducescatter", name,
+                         lambda: handles.Done([o.detach() for o in outs]))
+
+
+# ---------------------------------------------------------------- barrier, join
+def barrier(process_set: ProcessSet = global_process_set) -> None:
+    """Block until every rank reaches the barrier."""
+    _prepare("barrier", process_set)
+    _px().barrier()
+
+
+def join(device: int = -1) -> int:
+    """Wait until every rank has called join(); return the rank that called it last.
+
+    Limitation: unlike Horovod, ranks that joined do not stand in (with zeros) for the
+    allreduces of ranks still working, so every rank must make the same collective calls
+    before join() (a rank that calls one more allreduce fails on every rank with
+    CollectiveMismatch, instead of hanging). "Last" is judged by each rank's wall clock at
+    its call, so across hosts it is as accurate as their clocks agree."""
+    require_init("join")
+    arrived = time.time()
+    stamps = _px().allgather_object(arrived)
+    return max(range(len(stamps)), key=lambda r: (stamps[r], r))

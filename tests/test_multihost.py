@@ -24,9 +24,10 @@ from simhosts import simhosts  # noqa: F401 - the fixture
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
 # Elastic softmax regression on digits. After each committed step every rank logs the whole
 # step's sample plan (all ranks), so a crash that kills a worker between its reduction and a log
-# line of its own cannot hide samples that were trained.
+# line of its own cannot hide samples that were trained. With EPOCHS 0 it trains until the file
+# OUT/stop appears (checked by every rank at each epoch end).
 JOB = """
-import json, os, sys, time
+import json, os, socket, sys, time
 import torch
 from sklearn.datasets import load_digits
 import phalanx as px
@@ -46,7 +47,7 @@ log = open(os.path.join(out, "steps." + os.environ["PHALANX_WORKER_ID"] + ".json
 
 @px.elastic.run
 def train(state):
-    for state.epoch in range(state.epoch, epochs):
+    for state.epoch in range(state.epoch, epochs or 1 << 30):
         for x, y in loader:
             plan = [p.tolist() for p in loader.pending_step]
             opt.zero_grad()
@@ -54,9 +55,13 @@ def train(state):
             time.sleep(pause)
             opt.step()
             log.write(json.dumps({"e": state.epoch, "s": state.step, "plan": plan}) + "\\n")
+        stop = float(os.path.exists(os.path.join(out, "stop")))
+        if not epochs and px.allreduce(stop, op="max", name="test.stop") > 0:
+            break
 
 train(state)
-torch.save({"params": [p.detach().clone() for p in model.parameters()], "size": px.size()},
+torch.save({"params": [p.detach().clone() for p in model.parameters()], "size": px.size(),
+            "host": socket.gethostname(), "worker": os.environ["PHALANX_WORKER_ID"]},
            os.path.join(out, f"rank{px.rank()}.pt"))
 px.barrier()
 """
@@ -99,7 +104,8 @@ def test_placement_and_collectives_across_hosts(simhosts, tmp_path, algo) -> Non
     reach the remote workers."""
     hosts = simhosts(2)
     (tmp_path / "p.py").write_text(PLACEMENT)
-    env = {**ENV, "PHALANX_ALLREDUCE": algo, "PHALANX_SHM_MAX_BYTES": str(64 << 10)}
+    env = {**ENV, "PHALANX_ALLREDUCE": algo, "PHALANX_SHM_MAX_BYTES": str(64 << 10),
+           "PHALANX_HIER_MIN_BYTES": "0"}   # small tensors go hierarchical too
     res = launch(hosts, 2, str(tmp_path / "p.py"), str(tmp_path), cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(4)]
@@ -126,9 +132,12 @@ def _wait_for_steps(out: Path, n: int, timeout: float) -> None:
     raise AssertionError(f"the job did not reach {n} logged steps within {timeout}s")
 
 
-def _check_finished(out: Path, size: int, epochs: int) -> None:
+def _check_finished(out: Path, size: int, epochs: int | None) -> list[dict]:
+    """Every rank's final parameters equal, every sample once per epoch (`epochs` of them, or
+    however many a job run until its stop file trained); the final records."""
     finals = [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
     assert len(finals) == size, [f["size"] for f in finals]
+    assert all(f["size"] == size for f in finals), [f["size"] for f in finals]
     for f in finals[1:]:
         for a, b in zip(finals[0]["params"], f["params"]):
             assert torch.equal(a, b), "ranks ended with different parameters"
@@ -140,10 +149,11 @@ def _check_finished(out: Path, size: int, epochs: int) -> None:
     per_epoch: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     for rec in steps.values():
         per_epoch[rec["e"]].update(i for part in rec["plan"] for i in part)
-    assert sorted(per_epoch) == list(range(epochs))
+    assert sorted(per_epoch) == list(range(epochs if epochs else len(per_epoch)))
     for e, counts in per_epoch.items():
         assert set(counts) == set(range(1797)), f"epoch {e}: samples missing"
         assert all(c == 1 for c in counts.values()), f"epoch {e}: samples trained twice"
+    return finals
 
 
 @pytest.mark.timeout(180)
@@ -175,6 +185,105 @@ def test_losing_a_whole_host(simhosts, tmp_path, fault) -> None:  # noqa: F811
     time.sleep(1 if fault == "crash" else 2)  # the cut-off agent stops its workers by itself
     left = [p for p in hosts[1].pids() if "python" in _cmdline(p)]
     assert not left, f"processes of the job left on the lost host: {left}"
+
+
+@pytest.mark.timeout(120)
+def test_replacements_respawn_on_the_remaining_host(simhosts, tmp_path) -> None:  # noqa: F811
+    """-H a:2,b:2 --min-np 2 --max-restarts 2, host b crashes mid-training: b is blacklisted,
+    both replacements start on host a, and the job ends with 4 workers there, bitwise-equal
+    parameters and every sample exactly once per epoch; nothing of the job is left on b."""
+    hosts = simhosts(2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "job.py").write_text(JOB)
+    proc = launch(hosts, 2, "--min-np", "2", "--max-restarts", "2", "--heartbeat-timeout",
+                  "1.5", str(tmp_path / "job.py"), str(out), "0", "0.05", wait=False,
+                  cwd=tmp_path)
+    try:
+        _wait_for_steps(out, 24, timeout=90)
+        hosts[1].crash()
+        _wait_for_replacements(out, ["w2", "w3"], timeout=60)
+        (out / "stop").touch()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    finals = _check_finished(out, size=4, epochs=None)
+    a, b = hosts[0], hosts[1]
+    workers = sorted(f["worker"] for f in finals)
+    assert [w.split(".")[0] for w in workers] == ["w0", "w1", "w2", "w3"], workers
+    assert "." in workers[2] and "." in workers[3], workers  # rank slots 2, 3: replacements
+    assert all(f["host"] == a.name for f in finals), [(f["worker"], f["host"]) for f in finals]
+    assert f"host {b.addr} blacklisted for 60s" in stderr, stderr[-3000:]
+    for w in workers[2:]:
+        assert f"replacement {w} for rank slot {w[1]} goes to host {a.addr}" in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "4 worker(s) finished" in last and "2 replacement(s) started" in last, last
+    left = [p for p in b.pids() if "python" in _cmdline(p)]
+    assert not left, f"processes of the job left on the lost host: {left}"
+
+
+@pytest.mark.timeout(150)
+def test_a_returned_host_takes_a_replacement_after_its_cooldown(simhosts, tmp_path) -> None:  # noqa: F811
+    """Host b crashes: its replacements start on host a. b comes back; once its 2 s cooldown is
+    over, the next replacement needed (one on host a is killed) goes to b, whose agent the
+    launcher starts again; the job ends with 4 workers, one on b, nothing lost."""
+    hosts = simhosts(2)
+    a, b = hosts[0], hosts[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "job.py").write_text(JOB)
+    proc = launch(hosts, 2, "--min-np", "2", "--max-restarts", "3", "--heartbeat-timeout",
+                  "1.5", "--host-cooldown", "2", str(tmp_path / "job.py"), str(out), "0",
+                  "0.05", wait=False, cwd=tmp_path)
+    try:
+        _wait_for_steps(out, 24, timeout=90)
+        b.crash()
+        _wait_for_replacements(out, ["w2"], timeout=60)
+        b.restart()
+        time.sleep(2.5)  # past the cooldown
+        victim = [p for p in _pids_of("w2.") if "child.py" in _cmdline(p)]
+        assert len(victim) == 1, victim
+        os.kill(victim[0], 9)
+        _wait_for_replacements(out, ["w2.1"], timeout=60)  # w2.1's own replacement
+        (out / "stop").touch()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    finals = _check_finished(out, size=4, epochs=None)
+    where = {f["worker"]: f["host"] for f in finals}
+    assert sorted(where.values()) == [a.name] * 3 + [b.name], where
+    assert f"host {b.addr} is usable again" in stderr, stderr[-3000:]
+    assert f"host {b.addr} is past its cooldown; starting its agent again" in stderr
+
+
+def _wait_for_replacements(out: Path, workers: list[str], timeout: float) -> None:
+    """Until a replacement of each worker (id 'w2' -> 'w2.N', 'w2.1' -> 'w2.M') has stepped."""
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        slot = w.split(".")[0]
+        while not any(p.read_text() for p in out.glob(f"steps.{slot}.*.jsonl")
+                      if p.name != f"steps.{w}.jsonl"):
+            assert time.monotonic() < deadline, f"no replacement of {w} stepped in {timeout}s"
+            time.sleep(0.1)
+
+
+def _pids_of(worker_prefix: str) -> list[int]:
+    """Processes (root PID namespace) whose PHALANX_WORKER_ID starts with the prefix."""
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            environ = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(e.startswith(b"PHALANX_WORKER_ID=" + worker_prefix.encode()) for e in environ):
+            out.append(int(p))
+    return out
 
 
 def _cmdline(pid: int) -> str:

@@ -51,3 +51,18 @@ def test_a_stopped_process_is_lost_sooner_than_a_busy_one() -> None:
                   stopped_timeout=0.5)
     assert d.act and d.members == ["stopped"] and "process stopped" in d.reason
     assert find_lost(members, now=12.5, heartbeat_timeout=3.0).members == ["busy", "stopped"]
+
+
+def test_newcomers_alone_never_form_a_generation_while_state_holders_live() -> None:
+    """Survivors busy re-forming (say, a slow teardown after a host was cut off) are not
+    left out for replacements that hold no state; they are once they are declared lost."""
+    members = [m("s0"), m("s1"), m("new0", waiting=True), m("new1", waiting=True)]
+    kw = {"first": False, "target_np": 4, "min_np": 2, "max_np": 4, "settle": 1.0,
+          "current": ["s0", "s1"]}
+    d = should_form(members, waited=30.0, **kw)
+    assert not d.act and "hold the training state" in d.reason
+    members[0].waiting = True  # one survivor came: the hung one is left out after settle
+    d = should_form(members, waited=1.5, **kw)
+    assert d.act and d.members == ["s0", "new0", "new1"]
+    members[0].waiting, members[0].alive, members[1].alive = False, False, False
+    assert should_form(members, waited=0.0, **kw).act  # every holder lost: nothing to wait for

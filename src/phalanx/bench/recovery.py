@@ -23,6 +23,9 @@ tolerance on) vs the same loop bare under a non-elastic launcher (off), interlea
 --repeat.
 
     phalanx bench recovery --np 4 --faults 10 --json recovery.json
+
+With -H, the benchmark measures losing a whole host instead (crash, cut): see recovery_hosts.py,
+`phalanx bench recovery -H A:2,B:2 --help`, and tests/bench_host_loss.py for simulated hosts.
 """
 
 from __future__ import annotations
@@ -585,6 +588,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(a smoke test, not a measurement)")
     p.add_argument("--keep", metavar="DIR", help="keep the workers' logs in DIR (must not exist)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    p.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
+                   help="measure losing a whole host (crash, cut) on these hosts instead; "
+                        "`phalanx bench recovery -H A:2,B:2 --help` lists its options")
     return p
 
 
@@ -622,6 +628,10 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (0 even when a target is missed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(x in ("-H", "--hosts") or x.startswith("--hosts=") for x in argv):
+        from .recovery_hosts import main as host_loss
+        return host_loss(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     _validate(parser, args)

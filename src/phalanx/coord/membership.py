@@ -69,6 +69,7 @@ class Membership(StoreOps, StarterOps):
         self.spawns: dict[str, list[tuple[int, str]]] = {}
         self.exits: list[dict[str, Any]] = []
         self.stopped_reports: dict[str, float] = {}
+        self.starter_seen: dict[str, float] = {}
         self.fail_on_error = True
         """An exception a worker reports fails the job at once (no new generation forms)."""
         self.seen_keys: set[str] = set()
@@ -139,6 +140,12 @@ class Membership(StoreOps, StarterOps):
         with self.cv:
             m = self.members.get(worker)
             return m is not None and not m.alive and not m.left and worker not in self.errors
+
+    def is_live(self, worker: str) -> bool:
+        """True if the worker joined and is neither lost nor departed."""
+        with self.cv:
+            m = self.members.get(worker)
+            return m is not None and m.alive
 
     def tick(self) -> None:
         """One monitor pass: declare silent workers lost, form a generation if due."""

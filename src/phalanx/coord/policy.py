@@ -101,7 +101,8 @@ def should_form(members: list[MemberStatus], *, first: bool, target_np: int, min
     of the `current` generation is waiting and at least `min_np` workers are; a newcomer that
     is still starting up never holds the survivors back (it joins at the next boundary), and
     newcomers beyond `max_np` wait outside. `settle` seconds after the first worker began
-    waiting, live members that have not come are left out if enough are waiting.
+    waiting, live members that have not come are left out if enough are waiting, but never
+    all of them for newcomers alone (those hold no training state).
     """
     alive = [m for m in members if m.alive]
     waiting = [m for m in alive if m.waiting]
@@ -115,6 +116,12 @@ def should_form(members: list[MemberStatus], *, first: bool, target_np: int, min
         return Decision(act=False, reason=f"{len(waiting)} waiting, fewer than min_np={min_np}")
     members_now = set(current) if current is not None else {m.worker for m in alive}
     blocking = [m for m in alive if m.worker in members_now and not m.waiting]
+    if blocking and not any(m.worker in members_now for m in waiting):
+        # Only newcomers wait: they hold no training state, so forming without the live
+        # members of the current generation would lose the job's progress.
+        return Decision(act=False, reason=f"{len(waiting)} newcomer(s) waiting for the "
+                                          f"{len(blocking)} live member(s) of the current "
+                                          "generation, which hold the training state")
     if not blocking or waited >= settle:
         # Members of the current world first, so survivors are never displaced by newcomers.
         chosen = sorted(waiting, key=lambda m: m.worker not in members_now)[:max_np]

@@ -25,6 +25,8 @@ class StarterOps:
     spawns: dict[str, list[tuple[int, str]]]
     exits: list[dict[str, Any]]
     stopped_reports: dict[str, float]
+    starter_seen: dict[str, float]
+    """Starter -> when it last asked for orders or reported an exit (time.monotonic())."""
     failed: str | None
 
     def order_spawn(self, starter: str, slot: int, worker: str) -> None:
@@ -33,6 +35,19 @@ class StarterOps:
             self.spawns.setdefault(starter, []).append((slot, worker))
             self.starters[worker] = starter
             self.cv.notify_all()
+
+    def last_contact(self, starter: str) -> float | None:
+        """When `starter` last asked for orders or reported an exit (time.monotonic()), or
+        None if never: an agent silent while all its workers are lost is a cut-off host."""
+        with self.cv:
+            return self.starter_seen.get(starter)
+
+    def forget_starter(self, starter: str) -> None:
+        """Drop orders still queued for a starter that ended, so the next agent started under
+        the same name (its host came back) does not act on them."""
+        with self.cv:
+            self.orders.pop(starter, None)
+            self.spawns.pop(starter, None)
 
     def take_exits(self) -> list[dict[str, Any]]:
         """Worker exits starters reported since the last call."""
@@ -49,6 +64,7 @@ class StarterOps:
         deadline = time.monotonic() + min(_seconds(h, "timeout", 1.0), 5.0)
         with self.cv:
             now = time.monotonic()
+            self.starter_seen[starter] = now
             for w in stopped[:1024]:
                 if self.starters.get(w) == starter:
                     self.stopped_reports[w] = now
@@ -58,6 +74,7 @@ class StarterOps:
                 if left <= 0:
                     break
                 self.cv.wait(left)
+            self.starter_seen[starter] = time.monotonic()  # it was connected all along
             orders = self.orders.pop(starter, [])
             spawns = self.spawns.pop(starter, [])
         return {"ok": True, "fence": [list(o) for o in orders],
@@ -73,6 +90,7 @@ class StarterOps:
         with self.cv:
             if self.starters.get(worker) != starter:
                 raise BadRequest(f"worker {worker!r} was not started by {starter!r}")
+            self.starter_seen[starter] = time.monotonic()
             self.exits.append({"worker": worker, "slot": slot, "pid": pid, "code": code,
                                "fenced": bool(h.get("fenced")), "error": error,
                                "seen": time.time()})

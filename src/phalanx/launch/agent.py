@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -79,7 +80,7 @@ class Agent:
             error_file=error_file, out=self.out, err=self.err)
 
     def run(self) -> int:
-        for i in range(self.a.slots):
+        for i in range(0 if self.a.idle else self.a.slots):
             self.spawn(self.a.rank_base + i, f"w{self.a.rank_base + i}")
         last_contact = time.monotonic()
         while not self.lifeline.is_set():
@@ -122,6 +123,7 @@ class Agent:
         procs.stop_all(list(self.workers.values()), grace=2.0)
         self._report_exits()
         self.client.close(leave=False)
+        shutil.rmtree(self.errdir, ignore_errors=True)
         return code
 
     def _say(self, msg: str) -> None:
@@ -158,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host-id", default=os.uname().nodename, help="this host's name in the job")
     p.add_argument("--slots", type=int, default=1, help="workers to start on this host")
     p.add_argument("--rank-base", type=int, default=0, help="rank of this host's first worker")
+    p.add_argument("--idle", action="store_true", help="start no worker by itself, only the "
+                   "replacements the coordinator orders (how the launcher starts an agent "
+                   "again on a host that came back after being lost)")
     p.add_argument("--job-id", required=True)
     p.add_argument("--bind", default=None, help="data-plane address (default: the interface "
                    "that routes to the coordinator)")

@@ -74,6 +74,10 @@ def _run_parser() -> _Parser:
                    help="inside a Slurm allocation, run on this machine only (by default "
                         "`phalanx run` without -H uses the allocation: every node's tasks, "
                         "agents started with srun)")
+    p.add_argument("--host-cooldown", type=float, default=60.0, metavar="SEC",
+                   help="a lost host (crashed, or cut off) is blacklisted this long: no "
+                        "replacement goes there; doubled at each further loss of the same host "
+                        "(default 60). Past it, a replacement may start the host's agent again")
     p.add_argument("--ssh-config", default=None, metavar="FILE",
                    help="ssh_config file for reaching the hosts (passed as ssh -F FILE)")
     p.add_argument("--bind", default=None, metavar="ADDR",
@@ -106,6 +110,8 @@ def run_main(argv: list[str]) -> int:
         p.error(f"--retry-errors must be >= 0, got {a.retry_errors}")
     if a.timeout <= 0 or a.heartbeat_timeout <= 0:
         p.error("--timeout and --heartbeat-timeout must be positive")
+    if a.host_cooldown < 0:
+        p.error(f"--host-cooldown must be >= 0 seconds, got {a.host_cooldown}")
     if not os.path.isfile(a.script):
         p.error(f"script {a.script!r} not found")
     if a.chaos:
@@ -120,7 +126,8 @@ def run_main(argv: list[str]) -> int:
                     timeout=a.timeout,
                     heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos,
                     bind=a.bind or "127.0.0.1", join_file=a.join_file, hosts=hosts,
-                    ssh_config=a.ssh_config, agent_starter=starter)
+                    ssh_config=a.ssh_config, agent_starter=starter,
+                    host_cooldown=a.host_cooldown)
     return Supervisor(cfg).run()
 
 

@@ -4,9 +4,11 @@ allocation, see slurm.py), and their workers' exits as the coordinator hears the
 
 Each agent gets the job secret on its stdin (never in argv) and keeps stdin open as its
 lifeline: when the launcher ends, the SSH session (or srun step) closes and the agent stops its
-workers. A host whose agent dies (the host crashed, or its SSH session or srun step broke) loses
-all its workers at once: they are declared lost together, so the survivors re-form once, not
-once per worker.
+workers. A host whose agent dies (the host crashed, or its SSH session or srun step broke), or whose
+agent falls silent while every worker there is lost (its network is cut), loses all its workers
+at once: they are declared lost together, so the survivors re-form once, not once per worker.
+The host is then blacklisted for a cooldown (blacklist.py): replacements go to the other hosts,
+and to it again only once the cooldown is over, by starting its agent anew.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from typing import IO, Any
 from .. import env
 from ..coord.membership import Membership
 from . import procs, report
+from .blacklist import HostBlacklist, HostView, place_replacement
 from .hosts import HostSlots, is_local
+
+AGENT_START_GRACE_S = 30.0
+"""How long a newly started agent may take to first reach the coordinator (SSH, Python's
+start) before its silence counts; an agent that cannot start at all ends, which counts at once."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,11 +40,15 @@ class _Agent:
     host: HostSlots
     proc: subprocess.Popen[bytes]
     pumps: list[threading.Thread]
+    started: float
+    """time.monotonic() when it was started."""
     lost: bool = False
 
 
-def agent_argv(*, host: HostSlots, address: str, job_id: str, cfg: Any) -> list[str]:
-    """The `phalanx agent` command line for one host (no secret in it)."""
+def agent_argv(*, host: HostSlots, address: str, job_id: str, cfg: Any,
+               idle: bool = False) -> list[str]:
+    """The `phalanx agent` command line for one host (no secret in it); an `idle` agent (one
+    started again on a host that came back) starts only the replacements it is sent."""
     argv = [sys.executable, "-m", "phalanx.launch.cli", "agent", "--coordinator", address,
             "--host-id", host.name, "--slots", str(host.slots), "--rank-base",
             str(host.first_rank), "--job-id", job_id, "--secret-stdin", "--timeout",
@@ -46,6 +57,8 @@ def agent_argv(*, host: HostSlots, address: str, job_id: str, cfg: Any) -> list[
         argv += ["--chaos", cfg.chaos]
     for name, value in sorted(env.forwarded(cfg.extra_env).items()):
         argv += ["--env", f"{name}={value}"]
+    if idle:
+        argv.append("--idle")
     if cfg.elastic:
         argv.append("--elastic")
     if cfg.can_grow:
@@ -80,7 +93,8 @@ class SshStarter(AgentStarter):
 
 
 class AgentFleet:
-    """Starts the agents, turns the exits they report into `report.Exit`s, orders respawns."""
+    """Starts the agents, turns the exits they report into `report.Exit`s, places respawns
+    (never on a blacklisted host), and notices lost hosts."""
 
     def __init__(self, *, hosts: list[HostSlots], membership: Membership, secret: str,
                  job_id: str, cfg: Any, address: str, out: procs.Sink, err: procs.Sink,
@@ -89,24 +103,32 @@ class AgentFleet:
         self._secret, self._job_id, self._address = secret, job_id, address
         self._out, self._err, self._say = out, err, say
         self._starter: AgentStarter = cfg.agent_starter or SshStarter(cfg.ssh_config)
+        self.blacklist = HostBlacklist(cfg.host_cooldown)
         self.agents: list[_Agent] = []
         self.live: dict[str, int] = {f"w{h.first_rank + i}": h.first_rank + i
                                      for h in hosts for i in range(h.slots)}
+        self.where: dict[str, str] = {f"w{h.first_rank + i}": h.name
+                                      for h in hosts for i in range(h.slots)}
+        """Worker id -> the host it runs on (a replacement may run on another slot's host)."""
+        self._stopping = False
 
     def start(self) -> None:
         for host in self.hosts:
-            argv = self._starter.command(host, agent_argv(
-                host=host, address=self._address, job_id=self._job_id, cfg=self.cfg))
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
-            assert proc.stdin is not None  # PIPE above
-            proc.stdin.write(self._secret.encode() + b"\n")
-            proc.stdin.flush()
-            pumps = [threading.Thread(target=procs.pump, args=(s, k, b""), daemon=True)
-                     for s, k in ((proc.stdout, self._out), (proc.stderr, self._err))]
-            for t in pumps:
-                t.start()
-            self.agents.append(_Agent(host=host, proc=proc, pumps=pumps))
+            self._start_agent(host)
+
+    def _start_agent(self, host: HostSlots, *, idle: bool = False) -> None:
+        argv = self._starter.command(host, agent_argv(
+            host=host, address=self._address, job_id=self._job_id, cfg=self.cfg, idle=idle))
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        assert proc.stdin is not None  # PIPE above
+        proc.stdin.write(self._secret.encode() + b"\n")
+        proc.stdin.flush()
+        pumps = [threading.Thread(target=procs.pump, args=(s, k, b""), daemon=True)
+                 for s, k in ((proc.stdout, self._out), (proc.stderr, self._err))]
+        for t in pumps:
+            t.start()
+        self.agents.append(_Agent(host=host, proc=proc, pumps=pumps, started=time.monotonic()))
 
     def _host_of(self, slot: int) -> HostSlots:
         for h in self.hosts:
@@ -114,49 +136,101 @@ class AgentFleet:
                 return h
         raise ValueError(f"rank slot {slot} belongs to no host")
 
+    def _has_agent(self, host: str) -> bool:
+        return any(a.host.name == host and not a.lost and a.proc.poll() is None
+                   for a in self.agents)
+
+    def _workers_on(self, host: str) -> list[str]:
+        return [w for w, h in self.where.items() if h == host]
+
     def spawn(self, slot: int, worker_id: str) -> bool:
-        """A replacement for rank slot `slot`: on that slot's host if its agent lives, else on
-        the live host running the fewest workers. False if no host is left."""
-        alive = [a for a in self.agents if not a.lost and a.proc.poll() is None]
-        if not alive:
+        """A replacement for rank slot `slot`, placed by `blacklist.place_replacement`: its own
+        host if that lives, else another (a lost host only once past its cooldown, its agent
+        started again). False if no host may take it."""
+        home = self._host_of(slot)
+        views = [HostView(name=h.name, slots=h.slots, load=len(self._workers_on(h.name)),
+                          agent=self._has_agent(h.name)) for h in self.hosts]
+        choice = place_replacement(home.name, views, self.blacklist, time.monotonic())
+        if choice.host is None:
+            self._say(f"no host for a replacement of rank slot {slot}: {choice.reason}")
             return False
-        home = [a for a in alive if a.host.name == self._host_of(slot).name]
-        load = {a.host.name: sum(1 for s in self.live.values()
-                                 if a.host.first_rank <= s < a.host.first_rank + a.host.slots)
-                for a in alive}
-        target = home[0] if home else min(alive, key=lambda a: load[a.host.name])
-        self.m.order_spawn(f"agent-{target.host.name}", slot, worker_id)
+        if choice.restart:
+            target = next(h for h in self.hosts if h.name == choice.host)
+            self.m.forget_starter(f"agent-{target.name}")
+            self._start_agent(target, idle=True)
+        if choice.host != home.name or choice.restart:
+            self._say(f"replacement {worker_id} for rank slot {slot} goes to host "
+                      f"{choice.host}: {choice.reason}")
+        self.m.order_spawn(f"agent-{choice.host}", slot, worker_id)
         self.live[worker_id] = slot
+        self.where[worker_id] = choice.host
         return True
 
     def running(self) -> int:
         return len(self.live)
 
     def reap(self) -> list[report.Exit]:
-        """Exits the agents reported, and the workers of hosts whose agent died."""
+        """Exits the agents reported, and the workers of hosts lost since the last call."""
         ended = []
         for e in self.m.take_exits():
             if self.live.pop(e["worker"], None) is None:
                 continue
+            self.where.pop(e["worker"], None)
             ended.append(report.Exit(slot=e["slot"], worker=e["worker"], pid=e["pid"],
                                      code=e["code"], seen=e["seen"], fenced=e["fenced"],
                                      lost=self.m.is_lost(e["worker"]), error=e["error"]))
+        now = time.monotonic()
         for a in self.agents:
-            code = a.proc.poll()
-            if code is None or a.lost:
+            if a.lost:
                 continue
-            a.lost = True
-            gone = [w for w, s in self.live.items()
-                    if a.host.first_rank <= s < a.host.first_rank + a.host.slots]
-            why = f"host {a.host.name} lost: its agent {report.describe_exit(code)}"
-            self.m.declare_hosts_lost(gone, why)
-            for w in gone:
-                ended.append(report.Exit(slot=self.live.pop(w), worker=w, pid=-1, code=-9,
-                                         seen=time.time(), lost=True, detail=why))
+            code = a.proc.poll()
+            if code is not None:
+                ended += self._host_lost(a, f"its agent {report.describe_exit(code)}")
+            elif self._cut_off(a, now):
+                ended += self._host_lost(a, "its agent has been silent for more than "
+                                            f"{self.cfg.heartbeat_timeout:g}s and every worker "
+                                            "there is lost (cut off?)")
+                # Its lifeline: should the link come back, the agent stops what is left there.
+                procs.kill_group(a.proc.pid, signal.SIGKILL)
+        if not self._stopping:
+            for host in self.blacklist.cooled(now):
+                self._say(f"host {host} is usable again (its cooldown is over): a replacement "
+                          "may start its agent again")
+        return ended
+
+    def _cut_off(self, a: _Agent, now: float) -> bool:
+        """Silent past the heartbeat timeout, and its workers were lost (by their heartbeats)
+        with none left live: the host's network is cut. A silent agent whose workers are
+        still starting, or live, or finished, is not judged by this."""
+        last = self.m.last_contact(f"agent-{a.host.name}")
+        since = last if last is not None and last >= a.started else a.started + AGENT_START_GRACE_S
+        if now - since <= self.cfg.heartbeat_timeout:
+            return False
+        workers = self._workers_on(a.host.name)
+        return any(self.m.is_lost(w) for w in workers) and \
+            not any(self.m.is_live(w) for w in workers)
+
+    def _host_lost(self, a: _Agent, why: str) -> list[report.Exit]:
+        """Declare the host's workers lost at once and blacklist it."""
+        a.lost = True
+        gone = [w for w in self._workers_on(a.host.name) if w in self.live]
+        why = f"host {a.host.name} lost: {why}"
+        self.m.declare_hosts_lost(gone, why)
+        if not self._stopping:
+            cooldown = self.blacklist.mark_lost(a.host.name, time.monotonic(), why)
+            self._say(f"host {a.host.name} blacklisted for {cooldown:g}s (lost "
+                      f"{self.blacklist.losses(a.host.name)} time(s) in this job): no "
+                      "replacement goes there before that")
+        ended = []
+        for w in gone:
+            self.where.pop(w, None)
+            ended.append(report.Exit(slot=self.live.pop(w), worker=w, pid=-1, code=-9,
+                                     seen=time.time(), lost=True, detail=why))
         return ended
 
     def stop(self, grace: float) -> None:
         """Close every agent's lifeline; they stop their workers. Kill what is left."""
+        self._stopping = True
         for a in self.agents:
             _close(a.proc.stdin)
         deadline = time.monotonic() + grace

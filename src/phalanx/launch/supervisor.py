@@ -26,6 +26,7 @@ from typing import IO
 from .. import env
 from ..coord.protocol import new_secret
 from ..coord.server import CoordServer
+from ..errors import ConfigError
 from . import procs, report
 from .hosts import HostSlots
 from .procs import CHILD, write_join_file
@@ -72,6 +73,14 @@ class RunConfig:
     """An ssh_config file for reaching the hosts (ssh -F)."""
     agent_starter: AgentStarter | None = None
     """How each host's agent is started (None: over SSH; `slurm.SrunStarter` in an allocation)."""
+    host_cooldown: float = 60.0
+    """Seconds a lost host is blacklisted (no replacement placed there), doubled at each
+    further loss of the same host; past it, a replacement may start the host's agent again."""
+
+    def __post_init__(self) -> None:
+        if self.host_cooldown < 0:
+            raise ConfigError(f"host_cooldown must be >= 0 seconds, got {self.host_cooldown} "
+                              "(0: a lost host may be used again at once)")
 
     @property
     def can_grow(self) -> bool:
@@ -123,13 +132,18 @@ class Supervisor:
         self.fleet = AgentFleet(hosts=cfg.hosts, membership=self.server.membership,
                                 secret=self._secret, job_id=self.job_id, cfg=cfg,
                                 address=self.server.address, out=self._sink(self._out),
-                                err=self._sink(self._err), say=self.say) if cfg.hosts else None
+                                err=self._sink(self._err), say=self._note) if cfg.hosts else None
 
     # ------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
         with self._print_lock:
             self._err.write(f"[phalanx] {msg}\n".encode())
             self._err.flush()
+
+    def _note(self, msg: str) -> None:
+        """A line from the fleet (lost hosts, placements), unless stopping on purpose."""
+        if not self._quiet:
+            self.say(msg)
 
     def _sink(self, stream: IO[bytes]) -> procs.Sink:
         def write(line: bytes) -> None:

@@ -60,7 +60,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def start_allreduce_(wait: Wait, pg: Any, size: int, t: torch.Tensor, op: str,
-                     divide_by: int | None = None) -> Callable[[], None]:
+                     divide_by: int | None = None,
+                     track: Callable[[Any], None] | None = None) -> Callable[[], None]:
     """Start `gloo_allreduce_` and return the function that finishes it.
 
     Dtypes and ops Gloo reduces natively run in the background (Gloo's own threads) until the
@@ -69,6 +70,8 @@ def start_allreduce_(wait: Wait, pg: Any, size: int, t: torch.Tensor, op: str,
     if t.numel() and t.dtype in ops.GLOO_NATIVE and not (
             op in ("min", "max") and t.dtype in _ORDER_KEYS):
         work = pg.allreduce([t], ops.GLOO_REDUCE[op])
+        if track is not None:
+            track(work)             # it may still run if the caller gives up before finish()
 
         def finish() -> None:
             wait(work)

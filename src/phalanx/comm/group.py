@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..errors import CollectiveMismatch, PhalanxError, WorkerLost
-from . import ops
+from . import graveyard, ops
 from .shmnames import segment_path
 from .work import Handle, OrderedExecutor
 
@@ -105,6 +105,7 @@ class Group:
         self._nccl: Any = None
         self._nccl_ok: bool | None = None
         self._keep_store: dist.Store | None = None
+        self._inflight: list[Any] = []
         self._exec = OrderedExecutor(f"phalanx-comm-g{place.generation}")
         self.shm: ShmAllreduce | None = None
         """The shared-memory engine when every rank is on this host."""
@@ -149,7 +150,7 @@ class Group:
                              f"group of local rank {place.local_rank}: {e}",
                              generation=place.generation) from e
         self.hier = Hierarchy(self._open_shm(), cross, place.cross_rank, place.cross_size,
-                              place.size, self.wait, cross_ranks)
+                              place.size, self.wait, cross_ranks, self.track)
 
     def _gloo_opts(self) -> Any:
         opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
@@ -197,15 +198,25 @@ class Group:
             self.shm.unlink()
             self.shm.close()
             self.shm = None
+        pgs = [self._nccl, self.pg]
         if self.hier is not None:
-            self.hier.close()
+            pgs.append(self.hier.cross)
+            self.hier.local.unlink()
+            self.hier.local.close()
             self.hier = None
-        for pg in (self._nccl, self.pg):
-            if pg is not None:
-                try:
-                    pg.shutdown()  # type: ignore[attr-defined]
-                except (RuntimeError, AttributeError):
-                    pass
+        inflight = graveyard.pending(self._inflight)
+        self._inflight = []
+        if inflight:
+            # Shutting down or dropping these would block this process (see comm/graveyard.py).
+            graveyard.bury(inflight, pgs, self.config.backstop + 10.0)
+        else:
+            graveyard.sweep()
+            for pg in pgs:
+                if pg is not None:
+                    try:
+                        pg.shutdown()  # type: ignore[attr-defined]
+                    except (RuntimeError, AttributeError):
+                        pass
         self._nccl = None
 
     # ----------------------------------------------------------------- plumbing
@@ -253,11 +264,19 @@ class Group:
         loss first) leaves us blocked in Gloo until its timeout: so while waiting, poll the
         coordinator's verdict (cheap: the heartbeat's cached status) and give up on it."""
         if self._abort_check is not None and not work.is_completed():
-            self._wait_watching(work)
+            try:
+                self._wait_watching(work)
+            except TransportError:
+                self.track(work)    # abandoned in flight: it must outlive this group
+                raise
         try:
             work.wait()
         except RuntimeError as e:
             raise TransportError(str(e)) from e
+
+    def track(self, work: Any) -> None:
+        """Remember an operation that may still be in flight when the group closes."""
+        self._inflight = [*graveyard.pending(self._inflight), work]
 
     def _wait_watching(self, work: dist.Work) -> None:
         pause, next_check = 2e-5, time.monotonic() + _WATCH_S

@@ -29,11 +29,14 @@ class Hierarchy:
     """The two levels one rank takes part in: its host's segment and its cross-host group."""
 
     def __init__(self, local: ShmAllreduce, cross: Any, cross_rank: int, cross_size: int,
-                 size: int, wait: Wait, cross_ranks: list[int]) -> None:
+                 size: int, wait: Wait, cross_ranks: list[int],
+                 track: Callable[[Any], None]) -> None:
         self.local = local
         self.cross = cross
         self.cross_rank, self.cross_size, self.size = cross_rank, cross_size, size
         self._wait = wait
+        self._track = track
+        """Told of every operation started in the background (see comm/graveyard.py)."""
         self._cross_ranks = cross_ranks
         """Global rank of each member of this rank's cross group, in cross-rank order."""
         self.piece_bytes = 8 << 20
@@ -44,7 +47,7 @@ class Hierarchy:
         """Reduce contiguous CPU tensor `t` in place over the whole job."""
         def between(chunk: torch.Tensor) -> Callable[[], None]:
             return start_allreduce_(self._wait, self.cross, self.cross_size, chunk, op,
-                                    divide_by=self.size)
+                                    divide_by=self.size, track=self._track)
         self.local.allreduce_around_(t, "sum" if op == "avg" else op, between,
                                      self.piece_bytes)
 
@@ -54,12 +57,3 @@ class Hierarchy:
         if self.local.local_rank == root_local:
             self._wait(self.cross.broadcast(flat, self._cross_ranks.index(root)))
         self.local.broadcast_(flat, root_local)
-
-    def close(self) -> None:
-        """Shut the cross group down and release the host segment."""
-        try:
-            self.cross.shutdown()
-        except (RuntimeError, AttributeError):
-            pass
-        self.local.unlink()
-        self.local.close()

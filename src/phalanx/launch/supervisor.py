@@ -172,6 +172,10 @@ class Supervisor:
                 env.GROWTH: "1" if cfg.can_grow else "0"}
         if cfg.chaos:
             wenv[env.CHAOS] = cfg.chaos
+        if cfg.bind not in ("127.0.0.1", "::1", "localhost"):
+            # The coordinator listens where other hosts reach it (agents started by hand or a
+            # scheduler may join): so must these workers' data plane.
+            wenv.setdefault(env.BIND_ADDR, cfg.bind)
         # One worker per core is the right default for CPU training (torchrun does the same).
         wenv.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.np)))
         prefix = f"[rank{slot}]: " if restart == 0 else f"[rank{slot}.{restart}]: "

@@ -15,20 +15,7 @@ need=()
 { command -v unshare && command -v nsenter; } >/dev/null 2>&1 || need+=(util-linux)
 
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "setup-hosts: need root to install: ${need[*]}" >&2
-    exit 1
-  fi
-  policy=/usr/sbin/policy-rc.d
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy"
-    chmod +x "$policy"
-    trap 'rm -f "$policy"' EXIT
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  echo "setup-hosts: installed ${need[*]}"
+  bash "$(dirname "$0")/apt-install.sh" setup-hosts "${need[@]}"
 fi
 
 # sshd's privilege-separation directory (normally made by the service unit / tmpfiles.d).

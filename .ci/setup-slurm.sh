@@ -18,18 +18,5 @@ need=()
   >/dev/null 2>&1 || need+=(slurm-client)
 
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "setup-slurm: need root to install: ${need[*]}" >&2
-    exit 1
-  fi
-  policy=/usr/sbin/policy-rc.d
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy"
-    chmod +x "$policy"
-    trap 'rm -f "$policy"' EXIT
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  echo "setup-slurm: installed ${need[*]}"
+  bash "$(dirname "$0")/apt-install.sh" setup-slurm "${need[@]}"
 fi

@@ -66,3 +66,19 @@ def test_newcomers_alone_never_form_a_generation_while_state_holders_live() -> N
     assert d.act and d.members == ["s0", "new0", "new1"]
     members[0].waiting, members[0].alive, members[1].alive = False, False, False
     assert should_form(members, waited=0.0, **kw).act  # every holder lost: nothing to wait for
+
+
+def test_heal_source_is_the_most_advanced_rank_and_nobody_rolls_back() -> None:
+    from phalanx.elastic.policy import choose_source
+    plan = choose_source([7, 9, -1, 9])
+    assert (plan.source, plan.behind, plan.step) == (1, [0, 2], 9)
+    assert choose_source([5, 5]).behind == []
+
+
+def test_before_the_first_step_every_rank_takes_one_initial_state() -> None:
+    # Unseeded inits differ per rank; like broadcast_parameters at start, rank 0's wins.
+    from phalanx.elastic.policy import choose_source
+    plan = choose_source([0, 0, 0])
+    assert (plan.source, plan.behind) == (0, [1, 2]) and "initial" in plan.reason
+    assert choose_source([-1, 0]).behind == [0]
+    assert choose_source([0]).behind == []

@@ -17,6 +17,7 @@ class HealPlan:
 
 def choose_source(steps: list[int]) -> HealPlan:
     """The most advanced rank (lowest rank among ties) is the source; ranks behind it heal.
+    Before the first step (every rank at step 0 or -1) all other ranks take the source's state.
 
     `steps[r]` is the number of optimizer steps rank r has applied (-1 for a newcomer with no
     state). Nobody rolls back: ranks ahead of others are never overwritten by older state.
@@ -25,6 +26,13 @@ def choose_source(steps: list[int]) -> HealPlan:
         raise ValueError("choose_source needs at least one rank's step")
     best = max(steps)
     source = steps.index(best)
+    if best <= 0 and len(steps) > 1:
+        # Nobody has trained yet: ranks may hold different initial models (an unseeded
+        # init), so every rank takes the source's, as broadcast_parameters does at start.
+        behind = [r for r in range(len(steps)) if r != source]
+        return HealPlan(source=source, behind=behind, step=best,
+                        reason=f"no rank has trained yet; every rank takes rank {source}'s "
+                               "initial state")
     behind = [r for r, s in enumerate(steps) if s < best]
     if not behind:
         why = f"all {len(steps)} ranks are at step {best}"

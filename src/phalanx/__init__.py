@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
         "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size", "generation", "allreduce", "allreduce_",
         "allreduce_async", "allreduce_async_", "allgather", "allgather_async", "broadcast",
         "broadcast_", "reducescatter", "alltoall", "barrier", "broadcast_object",
-        "allgather_object")},
+        "allgather_object", "metrics")},
     **{n: "phalanx.runtime" for n in ("init", "shutdown", "is_initialized")},
     "Handle": "phalanx.comm.work",
     "Config": "phalanx.config",
@@ -40,7 +40,8 @@ __all__ = [
     "alltoall", "barrier", "broadcast", "broadcast_", "broadcast_object",
     "broadcast_optimizer_state", "broadcast_parameters", "cross_rank", "cross_size", "data",
     "elastic", "generation", "init",
-    "is_initialized", "local_rank", "local_size", "rank", "reducescatter", "shutdown", "size",
+    "is_initialized", "local_rank", "local_size", "metrics", "rank", "reducescatter", "shutdown",
+    "size",
 ]
 
 
@@ -62,7 +63,7 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs
     from .api import (allgather, allgather_async, allgather_object, allreduce, allreduce_,
                       allreduce_async, allreduce_async_, alltoall, barrier, broadcast, broadcast_,
                       broadcast_object, cross_rank, cross_size, generation, local_rank,
-                      local_size, rank, reducescatter, size)
+                      local_size, metrics, rank, reducescatter, size)
     from .comm.work import Handle
     from .config import Config
     from .errors import (CollectiveMismatch, ConfigError, PhalanxError, RendezvousError,

@@ -128,6 +128,14 @@ def _allreduce_int(g: Group, x: int, op: str, name: str | None) -> int:
     return total
 
 
+def _info(g: Group, t: torch.Tensor, name: str | None) -> dict[str, Any] | None:
+    """Name, bytes and dtype of a collective, when the timeline is on."""
+    rec = g.recorder
+    if rec is None or not rec.tracing:
+        return None
+    return {"name": name, "bytes": t.numel() * t.element_size(), "dtype": str(t.dtype)[6:]}
+
+
 def _back(t: torch.Tensor, kind: str) -> Any:
     if kind == "torch":
         return t
@@ -157,7 +165,8 @@ def allreduce(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> Arra
         exact = g.run("allreduce", lambda: _allreduce_int(g, int(x), op, name))  # type: ignore[call-overload]
         return exact  # type: ignore[return-value]
     t = t.clone()
-    return _back(g.run("allreduce", lambda: C.allreduce_(g, t, op, name)), kind)
+    done = g.run("allreduce", lambda: C.allreduce_(g, t, op, name), _info(g, t, name))
+    return _back(done, kind)
 
 
 def allreduce_(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> ArrayLike:
@@ -167,7 +176,7 @@ def allreduce_(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> Arr
                           f"got {type(x).__name__}; use allreduce() for scalars")
     t, kind = _to_tensor(x, "x", "allreduce_")
     g = runtime.current().group
-    g.run("allreduce", lambda: C.allreduce_(g, t, op, name))
+    g.run("allreduce", lambda: C.allreduce_(g, t, op, name), _info(g, t, name))
     return _write_back(x, t)
 
 
@@ -193,7 +202,7 @@ def allreduce_async(x: ArrayLike, op: str = "sum", *, name: str | None = None) -
         value = int(x)  # type: ignore[call-overload]
         return g.submit("allreduce", lambda: _allreduce_int(g, value, op, name))
     t = t.clone()
-    inner = g.submit("allreduce", lambda: C.allreduce_(g, t, op, name))
+    inner = g.submit("allreduce", lambda: C.allreduce_(g, t, op, name), _info(g, t, name))
     return _Converted(inner, lambda r: _back(r, kind))
 
 
@@ -203,22 +212,22 @@ def allreduce_async_(t: torch.Tensor, op: str = "sum", *, name: str | None = Non
         raise ConfigError("allreduce_async_: t must be a contiguous torch.Tensor; "
                           "call .contiguous() first or use allreduce_async()")
     g = runtime.current().group
-    return g.submit("allreduce", lambda: C.allreduce_(g, t, op, name))
+    return g.submit("allreduce", lambda: C.allreduce_(g, t, op, name), _info(g, t, name))
 
 
 def allgather(x: ArrayLike, *, name: str | None = None) -> ArrayLike:
     """Concatenate every rank's `x` along dim 0 (first dims may differ between ranks)."""
     t, kind = _to_tensor(x, "x", "allgather")
     g = runtime.current().group
-    return _back(g.run("allgather", lambda: C.allgather(g, t, name)), "torch" if kind not in (
-        "torch", "numpy") else kind)
+    out = g.run("allgather", lambda: C.allgather(g, t, name), _info(g, t, name))
+    return _back(out, "torch" if kind not in ("torch", "numpy") else kind)
 
 
 def allgather_async(x: torch.Tensor, *, name: str | None = None) -> Handle[torch.Tensor]:
     """Start an allgather; `handle.wait()` returns the concatenated tensor."""
     t, _ = _to_tensor(x, "x", "allgather_async")
     g = runtime.current().group
-    return g.submit("allgather", lambda: C.allgather(g, t, name))
+    return g.submit("allgather", lambda: C.allgather(g, t, name), _info(g, t, name))
 
 
 def broadcast(x: ArrayLike, root: int = 0, *, name: str | None = None) -> ArrayLike:
@@ -226,7 +235,8 @@ def broadcast(x: ArrayLike, root: int = 0, *, name: str | None = None) -> ArrayL
     t, kind = _to_tensor(x, "x", "broadcast")
     t = t.clone()
     g = runtime.current().group
-    return _back(g.run("broadcast", lambda: C.broadcast_(g, t, root, name)), kind)
+    out = g.run("broadcast", lambda: C.broadcast_(g, t, root, name), _info(g, t, name))
+    return _back(out, kind)
 
 
 def broadcast_(x: ArrayLike, root: int = 0, *, name: str | None = None) -> ArrayLike:
@@ -235,7 +245,7 @@ def broadcast_(x: ArrayLike, root: int = 0, *, name: str | None = None) -> Array
         raise ConfigError(f"broadcast_: x must be a tensor or array, got {type(x).__name__}")
     t, _ = _to_tensor(x, "x", "broadcast_")
     g = runtime.current().group
-    g.run("broadcast", lambda: C.broadcast_(g, t, root, name))
+    g.run("broadcast", lambda: C.broadcast_(g, t, root, name), _info(g, t, name))
     return _write_back(x, t)
 
 
@@ -243,7 +253,8 @@ def reducescatter(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> 
     """Reduce across ranks and return this rank's slice of dim 0 (torch.tensor_split order)."""
     t, kind = _to_tensor(x, "x", "reducescatter")
     g = runtime.current().group
-    return _back(g.run("reducescatter", lambda: C.reducescatter(g, t, op, name)), kind)
+    out = g.run("reducescatter", lambda: C.reducescatter(g, t, op, name), _info(g, t, name))
+    return _back(out, kind)
 
 
 def alltoall(x: ArrayLike, splits: Sequence[int] | None = None, *, name: str | None = None,
@@ -252,7 +263,7 @@ def alltoall(x: ArrayLike, splits: Sequence[int] | None = None, *, name: str | N
     ordered by source rank, and with `return_splits=True` also how many rows came from each."""
     t, kind = _to_tensor(x, "x", "alltoall")
     g = runtime.current().group
-    out, recv = g.run("alltoall", lambda: C.alltoall(g, t, splits, name))
+    out, recv = g.run("alltoall", lambda: C.alltoall(g, t, splits, name), _info(g, t, name))
     result = _back(out, kind)
     return (result, recv) if return_splits else result
 
@@ -275,3 +286,11 @@ def allgather_object(obj: Any) -> list[Any]:
     rt = runtime.current()
     g = rt.group
     return g.run("allgather_object", lambda: C.allgather_object(g, obj, rt.object_key))
+
+
+def metrics() -> dict[str, Any]:
+    """This worker's step metrics: `steps` recorded, the `last` step's phases and their `mean`
+    (`step_s` = `forward_backward_s` + `sync_s` + `optimizer_s` + `boundary_s`; `reduce_s` is
+    collective time, overlapping compute), `steps_per_s`, `recoveries` and `comm_busy_s`.
+    Steps are recorded by DistributedOptimizer."""
+    return runtime.current().recorder.summary()

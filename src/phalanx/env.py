@@ -32,12 +32,17 @@ CHECK_COLLECTIVES = "PHALANX_CHECK_COLLECTIVES"
 CHAOS = "PHALANX_CHAOS"
 ELASTIC = "PHALANX_ELASTIC"
 GROWTH = "PHALANX_GROWTH"
+TIMELINE = "PHALANX_TIMELINE"
+METRICS = "PHALANX_METRICS"
+HOROVOD_TIMELINE = "HOROVOD_TIMELINE"
+"""Horovod's name for the timeline file; honoured when PHALANX_TIMELINE is unset."""
 
 ALL = (RANK, SIZE, LOCAL_RANK, LOCAL_SIZE, WORKER_ID, COORD_ADDR, SECRET, JOB_ID, HOST,
        BIND_ADDR, TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, STARTER, ERROR_FILE, ALLREDUCE_ALGO, SHM_MAX_BYTES,
-       CHECK_COLLECTIVES, CHAOS, ELASTIC, GROWTH, HIER_MIN_BYTES)
+       CHECK_COLLECTIVES, CHAOS, ELASTIC, GROWTH, HIER_MIN_BYTES, TIMELINE, METRICS)
 
-FORWARDED = (HEARTBEAT_INTERVAL, ALLREDUCE_ALGO, SHM_MAX_BYTES, HIER_MIN_BYTES, CHECK_COLLECTIVES)
+FORWARDED = (HEARTBEAT_INTERVAL, ALLREDUCE_ALGO, SHM_MAX_BYTES, HIER_MIN_BYTES, CHECK_COLLECTIVES,
+             TIMELINE, METRICS)
 """Job-wide settings the launcher passes on to workers on other hosts (via `phalanx agent
 --env`), since SSH and srun do not carry the launcher's environment there."""
 
@@ -96,3 +101,8 @@ def get_bool(name: str, default: bool) -> bool:
 def launched() -> bool:
     """True when this process was started by `phalanx run` (a coordinator address is set)."""
     return bool(os.environ.get(COORD_ADDR))
+
+
+def timeline_path() -> str | None:
+    """Where this worker's timeline goes: PHALANX_TIMELINE, else Horovod's HOROVOD_TIMELINE."""
+    return get_str(TIMELINE) or get_str(HOROVOD_TIMELINE)

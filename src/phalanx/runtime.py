@@ -24,6 +24,8 @@ from .comm.store import CoordStore
 from .config import Config
 from .coord.client import CoordClient
 from .errors import ConfigError, JobFinished, RendezvousError
+from .observe import Recorder
+from .observe import merge as merge_timeline
 
 log = logging.getLogger("phalanx")
 
@@ -40,6 +42,9 @@ class Runtime:
         self.group: Group
         self.job_step = -1
         """Newest step any worker of the job reported (from the last rendezvous; -1 unknown)."""
+        self.recorder = Recorder(worker=self.worker, timeline_path=env.timeline_path(),
+                                 metrics_path=env.get_str(env.METRICS))
+        """Timeline events and step metrics of this worker (observe.Recorder)."""
         raise_fd_limit()
         addr = env.get_str(env.COORD_ADDR)
         if addr:
@@ -68,7 +73,8 @@ class Runtime:
             self.workers = [self.worker]
             place = Placement(generation=1, rank=0, size=1, local_rank=0, local_size=1,
                               hosts=[self.host], pids=[os.getpid()])
-            self.group = Group(place, dist.HashStore(), config, job_id=self.job_id)
+            self.group = Group(place, dist.HashStore(), config, job_id=self.job_id,
+                               recorder=self.recorder)
 
     def _static(self, e: static.StaticEnv) -> Group:
         """A fixed-membership job started by torchrun & co. (see `phalanx.static`)."""
@@ -81,7 +87,7 @@ class Runtime:
                           local_size=len(mine), hosts=hosts, pids=pids)
         if env.get_str(env.BIND_ADDR) is None:
             self.config.bind_addr = static.bind_address(e)
-        return Group(place, store, self.config, job_id=self.job_id)
+        return Group(place, store, self.config, job_id=self.job_id, recorder=self.recorder)
 
     def _form(self, after: int) -> Group:
         assert self.client is not None  # only called for launched jobs
@@ -94,8 +100,10 @@ class Runtime:
         self.workers = list(a.get("workers", []))
         store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout,
                            abort_check=self.client.abort_reason)
+        self.recorder.place(place.rank, place.generation)
         return Group(place, store, self.config, job_id=self.job_id,
-                     abort_check=self.client.abort_reason, status=self._lost_ranks)
+                     abort_check=self.client.abort_reason, status=self._lost_ranks,
+                     recorder=self.recorder)
 
     def _progress(self) -> tuple[int, float]:
         progress = getattr(getattr(self, "group", None), "progress", None)
@@ -128,6 +136,7 @@ class Runtime:
 
     def report_step(self, step: int) -> None:
         """The State completed `step`: the coordinator hears it with the next heartbeat."""
+        self.recorder.state_step = step
         if self.client is not None:
             self.client.step = step
 
@@ -165,6 +174,10 @@ class Runtime:
         finally:
             if self.client is not None:
                 self.client.close(leave=True)
+            self.recorder.close()
+            timeline = env.timeline_path()
+            if timeline and self.client is None and self.group.place.size == 1:
+                merge_timeline(timeline)   # a one-worker job has no launcher to merge it
 
 
 def _warm_imports() -> None:

@@ -25,6 +25,7 @@ from .shmnames import segment_path
 from .work import Handle, OrderedExecutor
 
 if TYPE_CHECKING:
+    from ..observe import Recorder
     from .hier import Hierarchy
     from .shm import ShmAllreduce
 
@@ -87,8 +88,10 @@ class Group:
 
     def __init__(self, place: Placement, store: dist.Store, config: Config, *, job_id: str,
                  abort_check: Callable[[], str | None] | None = None,
-                 status: Callable[[], list[int]] | None = None) -> None:
+                 status: Callable[[], list[int]] | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.place = place
+        self.recorder = recorder
         self.config = config
         self._store = store
         self._abort_check = abort_check
@@ -220,14 +223,19 @@ class Group:
         self._nccl = None
 
     # ----------------------------------------------------------------- plumbing
-    def _guard(self, what: str, fn: Callable[[], T]) -> T:
+    def _guard(self, what: str, fn: Callable[[], T], queued: float | None = None,
+               info: dict[str, Any] | None = None) -> T:
         if self.broken:
             raise WorkerLost(f"{what}: generation {self.place.generation} is broken "
                              f"({self.broken}); re-form the group", generation=self.place.generation)
         self._started += 1
         self._since = time.monotonic()
+        start = time.perf_counter()
         try:
-            return fn()
+            value = fn()
+            if self.recorder is not None:
+                self.recorder.collective(what, queued, start, time.perf_counter(), info)
+            return value
         except WorkerLost as e:
             self.broken = str(e)
             if e.generation is None:
@@ -249,13 +257,15 @@ class Group:
         since = self._since
         return self._started, (time.monotonic() - since) if since is not None else 0.0
 
-    def run(self, what: str, fn: Callable[[], T]) -> T:
-        """Run a collective now, in issue order."""
-        return self._exec.run(lambda: self._guard(what, fn))
+    def run(self, what: str, fn: Callable[[], T], info: dict[str, Any] | None = None) -> T:
+        """Run a collective now, in issue order (`info`: name and bytes, for the timeline)."""
+        return self._exec.run(lambda: self._guard(what, fn, None, info))
 
-    def submit(self, what: str, fn: Callable[[], T]) -> Handle[T]:
+    def submit(self, what: str, fn: Callable[[], T],
+               info: dict[str, Any] | None = None) -> Handle[T]:
         """Queue a collective on the comm thread; the handle's wait() returns its result."""
-        return self._exec.submit(lambda: self._guard(what, fn))
+        queued = time.perf_counter()
+        return self._exec.submit(lambda: self._guard(what, fn, queued, info))
 
     def wait(self, work: dist.Work) -> None:
         """Wait for a process-group operation; transport failures become TransportError.
@@ -296,6 +306,16 @@ class Group:
         With shared memory the exchange goes through the segment, the channel the shm
         collectives check theirs on, so every mix of collectives fails with the same message.
         """
+        rec = self.recorder
+        if rec is None or not rec.tracing:
+            return self._agree(sig)
+        start = rec.now()
+        try:
+            return self._agree(sig)
+        finally:
+            rec.span("collective", "negotiate", start, rec.now(), lane="collectives")
+
+    def _agree(self, sig: tuple[int, ...]) -> list[tuple[int, ...]]:
         reason = self._abort_check() if self._abort_check else None
         if reason:
             raise WorkerLost(reason, generation=self.place.generation)

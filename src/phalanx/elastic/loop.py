@@ -36,20 +36,29 @@ def reform(cause: BaseException, heal: Callable[[Placement], str], *, max_attemp
 
     Returns what happened (sizes, generation, survivors, the heal's reason, seconds taken)."""
     rt = runtime.current()
-    t0 = time.monotonic()
+    rec = rt.recorder
+    t0, p0 = time.monotonic(), rec.now()
+    rec.instant("elastic", "fault detected", {"cause": f"{type(cause).__name__}: {cause}"[:300]})
     origin, origin_workers = rt.group.place, list(rt.workers)
     for attempt in range(1, max_attempts + 1):
         try:
+            p1 = rec.now()
             rt.reform()
+            p2 = rec.now()
+            rec.span("elastic", "re-form", p1, p2, lane="elastic", args={"attempt": attempt})
             if on_reformed is not None:
                 on_reformed(rt.group.place)
             reason = heal(origin)
+            rec.span("elastic", "heal", p2, rec.now(), lane="elastic", args={"plan": reason})
         except WorkerLost as e:
             log.warning("rank %d: lost another worker during recovery (%s); retrying",
                         origin.rank, e)
             cause = e
             continue
         new = rt.group.place
+        rec.span("elastic", "recovery", p0, rec.now(), lane="elastic",
+                 args={"old_size": origin.size, "new_size": new.size})
+        rec.recovered(time.monotonic() - t0)
         return {"cause": type(cause).__name__, "seconds": time.monotonic() - t0,
                 "attempts": attempt, "old_size": origin.size, "new_size": new.size,
                 "generation": new.generation, "heal": reason,

@@ -86,6 +86,18 @@ def _run_parser() -> _Parser:
     p.add_argument("--join-file", default=None, metavar="PATH",
                    help="write the coordinator address and job secret to PATH (mode 0600) so "
                         "more workers can join with `phalanx join PATH script.py` (with --max-np)")
+    p.add_argument("--timeline", "--timeline-filename", default=None, metavar="FILE",
+                   help="write a Chrome-trace timeline of every worker to FILE (open it in "
+                        "https://ui.perfetto.dev): collectives with name, bytes and queue time, "
+                        "fused gradient buckets, forward/backward, reduction wait and optimizer "
+                        "spans, recoveries. Default: $HOROVOD_TIMELINE if set")
+    p.add_argument("--metrics", default=None, metavar="FILE",
+                   help="append each worker's per-step phases to FILE as JSON lines (rank, "
+                        "step, step_s, forward_backward_s, sync_s, optimizer_s, boundary_s, "
+                        "reduce_s, recovery_s); the same numbers as px.metrics()")
+    p.add_argument("--progress", type=float, default=None, metavar="SEC",
+                   help="print a progress line every SEC seconds: step, steps/s, workers, "
+                        "faults so far")
     p.add_argument("script", help="Python script to run on every worker")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
@@ -114,6 +126,13 @@ def run_main(argv: list[str]) -> int:
         p.error(f"--host-cooldown must be >= 0 seconds, got {a.host_cooldown}")
     if not os.path.isfile(a.script):
         p.error(f"script {a.script!r} not found")
+    if a.progress is not None and not a.progress > 0:
+        p.error(f"--progress must be > 0 seconds, got {a.progress}")
+    a.timeline = a.timeline or os.environ.get("HOROVOD_TIMELINE") or None
+    for flag, path in (("--timeline", a.timeline), ("--metrics", a.metrics)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{flag} {path!r}: directory {os.path.dirname(os.path.abspath(path))!r} "
+                    "does not exist; create it or choose another path")
     if a.chaos:
         from ..elastic.chaos import parse_chaos, validate
         try:
@@ -127,7 +146,8 @@ def run_main(argv: list[str]) -> int:
                     heartbeat_timeout=a.heartbeat_timeout, chaos=a.chaos,
                     bind=a.bind or "127.0.0.1", join_file=a.join_file, hosts=hosts,
                     ssh_config=a.ssh_config, agent_starter=starter,
-                    host_cooldown=a.host_cooldown)
+                    host_cooldown=a.host_cooldown, timeline=a.timeline, metrics=a.metrics,
+                    progress=a.progress)
     return Supervisor(cfg).run()
 
 

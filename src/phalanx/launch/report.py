@@ -110,3 +110,26 @@ def unfired_chaos(texts: list[str], fired: set[int], last_step: int) -> list[str
     where = f"the job's last step was {last_step}" if last_step >= 0 else "no step completed"
     return [f"chaos rule {t!r} never fired ({where})" for i, t in enumerate(texts)
             if i not in fired]
+
+
+class Progress:
+    """`phalanx run --progress SEC`: a line every SEC seconds with the step rate since the
+    last line, the workers of the current generation and the faults so far."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last: tuple[float, int] | None = None
+
+    def line(self, now: float, step: int, workers: int, generation: int,
+             faults: int) -> str | None:
+        """The progress line if one is due at `now` (monotonic seconds), else None."""
+        if self._last is None:
+            self._last = (now, step)
+            return None
+        t, s = self._last
+        if now - t < self.every:
+            return None
+        self._last = (now, step)
+        rate = max(step - s, 0) / (now - t)
+        return (f"progress: step {max(step, 0)} ({rate:.1f} steps/s), {workers} worker(s) in "
+                f"generation {generation}, {faults} fault(s) so far")

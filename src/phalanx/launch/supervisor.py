@@ -27,6 +27,7 @@ from .. import env
 from ..coord.protocol import new_secret
 from ..coord.server import CoordServer
 from ..errors import ConfigError
+from ..observe.timeline import merge as merge_timeline
 from . import procs, report
 from .hosts import HostSlots
 from .procs import CHILD, write_join_file
@@ -77,7 +78,22 @@ class RunConfig:
     """Seconds a lost host is blacklisted (no replacement placed there), doubled at each
     further loss of the same host; past it, a replacement may start the host's agent again."""
 
+    timeline: str | None = None
+    """Write a Chrome-trace timeline of every worker here (merged at the end of the job)."""
+    metrics: str | None = None
+    """Append every worker's per-step metrics here, as JSON lines."""
+    progress: float | None = None
+    """Print a progress line every this many seconds."""
+
     def __post_init__(self) -> None:
+        if self.progress is not None and not self.progress > 0:
+            raise ConfigError(f"progress must be > 0 seconds, got {self.progress}")
+        for name in ("timeline", "metrics"):
+            path = getattr(self, name)
+            if path:
+                path = os.path.abspath(path)
+                setattr(self, name, path)
+                self.extra_env[env.TIMELINE if name == "timeline" else env.METRICS] = path
         if self.host_cooldown < 0:
             raise ConfigError(f"host_cooldown must be >= 0 seconds, got {self.host_cooldown} "
                               "(0: a lost host may be used again at once)")
@@ -254,6 +270,10 @@ class Supervisor:
                 t.join(timeout=2)
             shm_cleanup(self.job_id)
             shutil.rmtree(self._errdir, ignore_errors=True)
+            if cfg.timeline:
+                n = merge_timeline(cfg.timeline)
+                self.say(f"timeline: {cfg.timeline} ({n} events; open it in "
+                         "https://ui.perfetto.dev or chrome://tracing)")
             if cfg.join_file:
                 try:
                     os.unlink(cfg.join_file)
@@ -289,9 +309,12 @@ class Supervisor:
         cfg = self.cfg
         min_np = cfg.min_np if cfg.min_np is not None else cfg.np
         retries = cfg.retry_errors
+        progress = report.Progress(cfg.progress) if cfg.progress else None
         while True:
             if self._signal is not None:
                 return self._interrupted()
+            if progress is not None:
+                self._progress(progress)
             running, ended = self._reap()
             if self.server.membership.failed is not None:
                 return self._fail()  # a worker reported an exception: no respawn can help
@@ -316,6 +339,15 @@ class Supervisor:
             if cfg.elastic and running + finished < min_np and finished == 0:
                 return self._fail(f"{running} worker(s) left, fewer than --min-np {min_np}")
             time.sleep(0.02)
+
+    def _progress(self, progress: report.Progress) -> None:
+        m = self.server.membership
+        world = m.world
+        line = progress.line(time.monotonic(), m.max_step, len(world.workers) if world else 0,
+                             world.generation if world else 0,
+                             sum(1 for e in self.exits if e.code != 0))
+        if line:
+            self.say(line)
 
     def _fail(self, why: str = "") -> int:
         """Stop the job; the last line names the root cause (the first failure in time)."""

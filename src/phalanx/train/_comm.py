@@ -72,6 +72,13 @@ def generation() -> int:
     return int(px.generation())
 
 
+def recorder() -> Any:
+    """This process's observe.Recorder (timeline and step metrics), or None before init()."""
+    from .. import runtime
+    rt = runtime.active()
+    return rt.recorder if rt is not None else None
+
+
 def check_live() -> None:
     """Raise WorkerLost if this generation can no longer complete a step: a peer was declared
     lost, or this worker was fenced or cut off from the coordinator."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -101,6 +102,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._start_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._checked_generation = -1
+        self._t_mark: float | None = None   # end of the last step: where this one's compute began
+        self._comm_mark = 0.0
         self._build()
 
     # ---- delegation: the wrapped optimizer owns groups, state, hooks and defaults ----
@@ -171,6 +174,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 "are in flight (backward() ran, step() did not); call step() or synchronize() "
                 "before zero_grad(), or zero_grad() before backward()")
         self._reset_step()
+        if self._t_mark is None:
+            self._t_mark = time.perf_counter()
         self._opt.zero_grad(set_to_none=set_to_none)
 
     def synchronize(self) -> None:
@@ -189,6 +194,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             # step() reduces the same local gradients again without redoing backward.
             self._reset_step()
             self._touched = True
+            self._t_mark = None   # the interrupted step's time is the recovery's, not compute
             raise
         pending, self._pending = self._pending, []
         for bucket, _ in pending:
@@ -214,18 +220,39 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._last_was_step and not self._touched:
             raise PhalanxError("step() called twice without a backward() in between; call "
                                "zero_grad() and backward() before each step()")
+        t_enter = time.perf_counter()
         if self._in_skip:
             if not self._synced:
                 raise PhalanxError("step() inside skip_synchronize() but synchronize() was not "
                                    "called since backward(); call opt.synchronize() first")
         else:
             self.synchronize()
+        t_synced = time.perf_counter()
         result = self._opt.step()
+        t_stepped = time.perf_counter()
         self._reset_step()
         self._last_was_step = True
         for hook in list(self._post_hooks.values()):
             hook(self, (), {})
+        self._record(t_enter, t_synced, t_stepped, time.perf_counter())
         return result
+
+    def _record(self, t_enter: float, t_synced: float, t_stepped: float, t_end: float) -> None:
+        """Step phases for px.metrics(), --metrics and the timeline (observe.Recorder)."""
+        rec, start = _comm.recorder(), self._t_mark
+        self._t_mark = t_end
+        if rec is None:
+            return
+        busy, self._comm_mark = rec.comm_busy_s - self._comm_mark, rec.comm_busy_s
+        if start is None:
+            return   # the first step after a recovery: its compute began before the re-form
+        rec.step({"forward_backward_s": t_enter - start, "sync_s": t_synced - t_enter,
+                  "optimizer_s": t_stepped - t_synced, "boundary_s": t_end - t_stepped}, busy)
+        if rec.tracing:
+            rec.span("step", "forward+backward", start, t_enter)
+            rec.span("step", "wait for reductions", t_enter, t_synced)
+            rec.span("step", "optimizer step", t_synced, t_stepped)
+            rec.span("step", "step boundary", t_stepped, t_end)
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks from the parameters (the optimizer stops reducing)."""
@@ -276,6 +303,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise PhalanxError("backward() ran after synchronize() and before step(); call "
                                "step() (inside skip_synchronize()) or zero_grad() first")
         self._touched = True
+        if self._t_mark is None:
+            self._t_mark = time.perf_counter()
         counts = self._counts
         count = counts.get(p, 0) + 1
         counts[p] = count

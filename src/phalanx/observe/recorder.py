@@ -107,16 +107,15 @@ class Recorder:
             self._count += 1
             step = self.state_step if self.state_step is not None else self._count
             record = {"rank": self.rank, "generation": self.generation, "step": step,
-                      "t": round(time.time(), 6),
-                      "step_s": round(sum(phases.values()), 6),
-                      **{k: round(v, 6) for k, v in phases.items()},
-                      "reduce_s": round(comm_s, 6), "recovery_s": round(self.recovery_s, 6)}
+                      "t": time.time(), "step_s": sum(phases.values()), **phases,
+                      "reduce_s": comm_s, "recovery_s": self.recovery_s}
             if samples:
                 record["samples"] = samples
             self.recovery_s = 0.0
             self.steps.append(record)
         if self._metrics_fd is not None:
-            os.write(self._metrics_fd, (json.dumps(record) + "\n").encode())
+            line = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
+            os.write(self._metrics_fd, (json.dumps(line) + "\n").encode())
 
     def recovered(self, seconds: float) -> None:
         with self._lock:

@@ -23,8 +23,10 @@ import os
 import sys
 from typing import BinaryIO
 
+from ..errors import ConfigError
 from ..launch.supervisor import RunConfig, Supervisor
 from . import costmodel as cm
+from . import plots
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allreduce_worker.py")
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
@@ -152,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="auto", choices=["auto", "shm", "hier", "gloo"],
                    help="phalanx's allreduce path (default auto)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw bus bandwidth vs size per path "
+                   "(needs matplotlib)")
     return p
 
 
@@ -188,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                  .split(",") if s]
     except ValueError as e:
         p.error(str(e))
+    try:
+        plots.check_path(a.plot)
+    except ConfigError as e:
+        p.error(str(e))
     names = {h.name for h in hosts}
     uniform = len(names) > 1 and len({h.slots for h in hosts}) == 1 and hosts[0].slots > 1
     paths = (["phalanx", "flat"] + (["local"] if uniform and a.algo in ("auto", "hier") else [])
@@ -212,4 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {a.json}")
+    if a.plot:
+        print(f"wrote {plots.allreduce(result, a.plot)}")
     return 0

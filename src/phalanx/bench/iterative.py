@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from . import plots
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iterative_worker.py")
 FORMATS = ("parquet", "npz")
 MANIFEST = "_phalanx-iterative.json"  # leading _: Spark skips it
@@ -69,6 +72,8 @@ def _parser() -> _Parser:
                    "every re-read iteration (needs root; affects the whole machine)")
     p.add_argument("--skip-sklearn", action="store_true", help="leave out scikit-learn")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    p.add_argument("--plot", metavar="FILE.png", help="draw seconds per iteration per system "
+                   "(needs matplotlib)")
     return p
 
 
@@ -210,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
     _check(p, a)
+    try:
+        plots.check_path(a.plot)
+    except ConfigError as e:
+        p.error(str(e))
     keep = a.dir is not None
     data = Path(a.dir) if keep else Path(tempfile.mkdtemp(prefix="phalanx-iterative-"))
     scratch = Path(tempfile.mkdtemp(prefix="phalanx-iterative-out-"))
@@ -266,4 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
+    if a.plot:
+        print(f"wrote {plots.iterative(report, a.plot)}")
     return 0

@@ -47,6 +47,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, Self
 
+from ..errors import ConfigError
+from . import plots
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "recovery_worker.py"
 TORCHRUN_WORKER = HERE / "recovery_torchrun_worker.py"
@@ -375,6 +378,7 @@ def _phalanx_faults(args: argparse.Namespace, out: Path, rng: random.Random) -> 
     rows = analyze_phalanx(tail.records, faults, n)
     result: dict[str, Any] = {
         kind: _kind_summary([r for r in rows if r["kind"] == kind]) for kind in KINDS}
+    result["timeline"] = plots.step_timeline(tail.records, faults)
     result["exactly_once"] = exactly_once(tail.records, DIGITS, last_epoch_complete=code == 0)
     result["exit_code"] = code
     result["launcher"] = f"phalanx run -np {n} {' '.join(launcher)}"
@@ -428,7 +432,8 @@ def _torchrun_faults(args: argparse.Namespace, out: Path, rng: random.Random) ->
     tail.poll()
     rows = analyze_torchrun(tail.records, faults)
     return {"SIGKILL": _kind_summary(rows), "exit_code": code,
-            "launcher": f"torchrun {' '.join(launcher)}"}
+            "launcher": f"torchrun {' '.join(launcher)}",
+            "timeline": plots.step_timeline(tail.records, faults)}
 
 
 def _throughput_once(args: argparse.Namespace, out: Path, ft: str) -> tuple[float, float]:
@@ -588,6 +593,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(a smoke test, not a measurement)")
     p.add_argument("--keep", metavar="DIR", help="keep the workers' logs in DIR (must not exist)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    p.add_argument("--plot", metavar="FILE.png", help="draw each job's steps over time with "
+                   "the faults marked (needs matplotlib)")
     p.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
                    help="measure losing a whole host (crash, cut) on these hosts instead; "
                         "`phalanx bench recovery -H A:2,B:2 --help` lists its options")
@@ -623,6 +630,10 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "phalanx, torchrun, throughput")
     if a.keep and os.path.exists(a.keep):
         p.error(f"--keep {a.keep!r} already exists; name a new folder")
+    try:
+        plots.check_path(a.plot)
+    except ConfigError as e:
+        p.error(str(e))
     a.skip = skip
 
 
@@ -680,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    if args.plot:
+        print(f"wrote {plots.recovery(res, args.plot)}")
     return 0
 
 

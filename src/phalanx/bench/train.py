@@ -202,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
                         "are enough (phalanx and DDP use NCCL), else the workers share them and "
                         "reduce through host memory (phalanx) or Gloo (DDP)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    p.add_argument("--plot", metavar="FILE.png", help="draw samples/s and scaling efficiency "
+                   "per model (needs matplotlib)")
     p.add_argument("--worker", choices=("phalanx", "ddp", "single"), help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -223,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models must name {MODELS}, --np and --steps be >= 1 (got models={bad}, "
                      f"np={args.np}, steps={args.steps}, warmup={args.warmup}, "
                      f"repeat={args.repeat})")
+    from phalanx.bench import plots   # not at the top: this file also runs as a script
+    from phalanx.errors import ConfigError
+    try:
+        plots.check_path(args.plot)
+    except ConfigError as e:
+        parser.error(str(e))
     rows = []
     for model in models:
         res: dict[str, dict[str, Any]] = {}
@@ -255,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['phalanx_scaling_efficiency']:>7.2f} {r['ddp_scaling_efficiency']:>7.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": "train", "results": rows}, indent=2))
+    if args.plot:
+        print(f"wrote {plots.train(rows, args.plot)}")
     return 0
 
 

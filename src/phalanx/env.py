@@ -106,3 +106,11 @@ def launched() -> bool:
 def timeline_path() -> str | None:
     """Where this worker's timeline goes: PHALANX_TIMELINE, else Horovod's HOROVOD_TIMELINE."""
     return get_str(TIMELINE) or get_str(HOROVOD_TIMELINE)
+
+
+def horovod_vars(rank: int, size: int, local_rank: int, local_size: int) -> dict[str, str]:
+    """The rank variables Horovod scripts read before `hvd.init()` (HOROVOD_RANK, ...), for the
+    slot a worker was started in; phalanx may number ranks differently after a fault, and
+    `phalanx.horovod.torch.init()` rewrites them with the job's real placement."""
+    return {"HOROVOD_RANK": str(rank), "HOROVOD_SIZE": str(size),
+            "HOROVOD_LOCAL_RANK": str(local_rank), "HOROVOD_LOCAL_SIZE": str(local_size)}

@@ -64,7 +64,9 @@ class Agent:
                 env.HOST: a.host_id, env.STARTER: self.starter, env.BIND_ADDR: self.bind,
                 env.TIMEOUT: str(a.timeout), env.HEARTBEAT_TIMEOUT: str(a.heartbeat_timeout),
                 env.ERROR_FILE: error_file, env.ELASTIC: "1" if a.elastic else "0",
-                env.GROWTH: "1" if a.growth else "0", "PYTHONUNBUFFERED": "1"}
+                env.GROWTH: "1" if a.growth else "0", "PYTHONUNBUFFERED": "1",
+                **env.horovod_vars(slot, a.np or a.rank_base + a.slots, slot - a.rank_base,
+                                   a.slots)}
         if a.chaos:
             wenv[env.CHAOS] = a.chaos
         wenv.update(a.env)
@@ -160,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host-id", default=os.uname().nodename, help="this host's name in the job")
     p.add_argument("--slots", type=int, default=1, help="workers to start on this host")
     p.add_argument("--rank-base", type=int, default=0, help="rank of this host's first worker")
+    p.add_argument("--np", type=int, default=0, help="workers in the whole job (for HOROVOD_SIZE; "
+                   "default: rank base + slots)")
     p.add_argument("--idle", action="store_true", help="start no worker by itself, only the "
                    "replacements the coordinator orders (how the launcher starts an agent "
                    "again on a host that came back after being lost)")

@@ -1,5 +1,6 @@
-"""Worker bootstrap: die with the launcher, run the user's script as __main__, and report an
-exception it raises (type, message, file:line, traceback) so the launcher can name it.
+"""Worker bootstrap: die with the launcher, run the user's script (or `-m` module) as
+__main__, or exec any other command, and report an exception a Python program raises (type,
+message, file:line, traceback) so the launcher can name it.
 
 Run by path (not as a package module) so it imports nothing heavy before the script does.
 An exception is a bug in the script, not a fault: the record goes to the file named by
@@ -18,6 +19,9 @@ import time
 import traceback
 
 PR_SET_PDEATHSIG = 1
+EXEC, MODULE = "exec:", "module:"
+"""How the launcher names what a worker runs besides a script: `exec:/usr/bin/pytest` (any
+command, exec'd) and `module:pkg.mod` (python -m pkg.mod). See `launch.program`."""
 ERROR_FILE = "PHALANX_ERROR_FILE"
 # Errors phalanx raises when a *peer* failed: consequences, never the root cause of a failure.
 CASCADE = {"WorkerLost", "RendezvousError", "JobFinished", "CollectiveMismatch"}
@@ -69,11 +73,21 @@ def main() -> None:
     # The launcher may have died between fork and prctl; then nobody would reap us.
     if os.getppid() == 1:
         sys.exit("phalanx worker: launcher exited before the worker started")
-    script, args = sys.argv[1], sys.argv[2:]
-    sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    program, args = sys.argv[1], sys.argv[2:]
+    if program.startswith(EXEC) and not os.path.isfile(program):
+        path = program[len(EXEC):]       # any command: it replaces this process
+        os.execv(path, [os.path.basename(path), *args])
+    module = program[len(MODULE):] if program.startswith(MODULE) else None
+    if module is not None and not os.path.isfile(program):
+        sys.argv = [module, *args]
+        sys.path[0] = os.getcwd()
+        run = lambda: runpy.run_module(module, run_name="__main__", alter_sys=True)  # noqa: E731
+    else:
+        sys.argv = [program, *args]
+        sys.path[0] = os.path.dirname(os.path.abspath(program))
+        run = lambda: runpy.run_path(program, run_name="__main__")  # noqa: E731
     try:
-        runpy.run_path(script, run_name="__main__")
+        run()
     except SystemExit:
         raise
     except BaseException as e:

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from .program import resolve as resolve_program
+
 BENCHES = ("allreduce", "train", "recovery", "iterative", "soak")
 
 
@@ -32,6 +34,8 @@ def _run_parser() -> _Parser:
                     "worker's rank, and returns non-zero with a one-line reason if the job fails.",
         epilog="examples:\n  phalanx run -np 4 examples/train_digits.py --epochs 5\n"
                "  phalanx run -np 4 --min-np 2 --max-restarts 3 train.py\n"
+               "  phalanx run -np 4 python -m mypkg.train --lr 0.1\n"
+               "  phalanx run -np 2 pytest tests/test_dist.py\n"
                "  phalanx run -np 4 --chaos kill:rank=2,step=40 train.py\n"
                "  phalanx run -H node1:4,node2:4 train.py\n"
                "  phalanx run train.py   # in sbatch/salloc: the allocation's tasks, via srun",
@@ -98,8 +102,9 @@ def _run_parser() -> _Parser:
     p.add_argument("--progress", type=float, default=None, metavar="SEC",
                    help="print a progress line every SEC seconds: step, steps/s, workers, "
                         "faults so far")
-    p.add_argument("script", help="Python script to run on every worker")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.add_argument("script", metavar="PROGRAM", help="what every worker runs: a Python script "
+                   "(train.py), `python train.py`, `python -m pkg.mod`, or any command on PATH")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     return p
 
 
@@ -124,8 +129,10 @@ def run_main(argv: list[str]) -> int:
         p.error("--timeout and --heartbeat-timeout must be positive")
     if a.host_cooldown < 0:
         p.error(f"--host-cooldown must be >= 0 seconds, got {a.host_cooldown}")
-    if not os.path.isfile(a.script):
-        p.error(f"script {a.script!r} not found")
+    try:
+        a.script, a.args = resolve_program(a.script, list(a.args))
+    except ValueError as e:
+        p.error(str(e))
     if a.progress is not None and not a.progress > 0:
         p.error(f"--progress must be > 0 seconds, got {a.progress}")
     a.timeline = a.timeline or os.environ.get("HOROVOD_TIMELINE") or None

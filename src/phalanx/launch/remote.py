@@ -51,7 +51,7 @@ def agent_argv(*, host: HostSlots, address: str, job_id: str, cfg: Any,
     started again on a host that came back) starts only the replacements it is sent."""
     argv = [sys.executable, "-m", "phalanx.launch.cli", "agent", "--coordinator", address,
             "--host-id", host.name, "--slots", str(host.slots), "--rank-base",
-            str(host.first_rank), "--job-id", job_id, "--secret-stdin", "--timeout",
+            str(host.first_rank), "--np", str(cfg.np), "--job-id", job_id, "--secret-stdin", "--timeout",
             str(cfg.timeout), "--heartbeat-timeout", str(cfg.heartbeat_timeout)]
     if cfg.chaos:
         argv += ["--chaos", cfg.chaos]

@@ -185,7 +185,8 @@ class Supervisor:
                 env.JOB_ID: self.job_id, env.HOST: self.host, env.TIMEOUT: str(cfg.timeout),
                 env.HEARTBEAT_TIMEOUT: str(cfg.heartbeat_timeout), env.ERROR_FILE: error_file,
                 env.ELASTIC: "1" if cfg.elastic else "0", "PYTHONUNBUFFERED": "1",
-                env.GROWTH: "1" if cfg.can_grow else "0"}
+                env.GROWTH: "1" if cfg.can_grow else "0",
+                **env.horovod_vars(slot, cfg.np, slot, cfg.np)}
         if cfg.chaos:
             wenv[env.CHAOS] = cfg.chaos
         if cfg.bind not in ("127.0.0.1", "::1", "localhost"):

@@ -8,12 +8,14 @@ because a phalanx worker that leaves a launched job cannot rejoin it under the s
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ... import env
 from ...errors import WorkerLost
 from . import handles
 from . import process_sets as _ps
@@ -54,6 +56,8 @@ def init(comm: Sequence[int] | None = None, process_sets: Any = None) -> None:
             "supported; start only the workers you need (phalanx run -np K) and pass comm=None")
     _ps.setup(n, _wanted_sets(process_sets))
     handles.reset()
+    # Scripts (and their child processes) read these as they would under horovodrun.
+    os.environ.update(env.horovod_vars(px.rank(), n, px.local_rank(), px.local_size()))
     _initialized = True
 
 

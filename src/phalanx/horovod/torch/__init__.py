@@ -16,7 +16,10 @@ these differences (each module's docstring has the details):
 - `join()` returns the last rank to join, but joined ranks do not serve other ranks'
   allreduces; broadcast/alltoall/reducescatter `*_async` forms complete before returning;
 - `shutdown()` is soft (the worker stays in its phalanx job until exit), so `init()` works
-  again afterwards; timelines are not recorded;
+  again afterwards;
+- `HOROVOD_TIMELINE=FILE` (or `phalanx run --timeline FILE`) writes phalanx's Chrome trace,
+  whose events differ from Horovod's (no NEGOTIATE_* per tensor; signature negotiation, queue
+  and run spans per collective, step phases, recoveries);
 - elastic jobs heal forward from the most advanced rank instead of rolling back to the last
   commit (see `phalanx.horovod.torch.elastic`).
 """

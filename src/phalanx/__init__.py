@@ -31,7 +31,8 @@ _EXPORTS: dict[str, str] = {
     **{n: "phalanx.train" for n in ("DistributedOptimizer", "broadcast_parameters",
                                      "broadcast_optimizer_state")},
 }
-_SUBMODULES = ("elastic", "data", "train", "comm", "coord", "launch", "observe", "bench")
+_SUBMODULES = ("elastic", "data", "train", "comm", "coord", "launch", "observe", "bench", "ray",
+               "spark", "horovod")
 
 __all__ = [
     "CollectiveMismatch", "Config", "ConfigError", "DistributedOptimizer", "Handle",

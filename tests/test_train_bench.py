@@ -55,16 +55,17 @@ def test_readme_demo_kills_a_worker_and_training_carries_on() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_bench_train_runs_and_writes_json(tmp_path: Path) -> None:
     from phalanx.bench import train
     out = tmp_path / "train.json"
     assert train.main(["--np", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4",
-                       "--models", "many", "--json", str(out)]) == 0
+                       "--models", "many", "--horovod", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "many" and row["tensors"] > 100
     for key in ("single_samples_per_s", "ddp_samples_per_s", "phalanx_samples_per_s",
-                "phalanx_over_ddp", "phalanx_scaling_efficiency"):
+                "phalanx_over_ddp", "phalanx_scaling_efficiency", "horovod_samples_per_s",
+                "horovod_over_phalanx"):
         assert row[key] > 0
 
 

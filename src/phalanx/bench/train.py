@@ -56,11 +56,14 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(1)
     rank, world = 0, 1
-    if args.worker == "phalanx":
+    if args.worker in ("phalanx", "horovod"):
         import phalanx as px
         from phalanx.train import DistributedOptimizer, broadcast_parameters
         px.init()
         rank, world = px.rank(), px.size()
+        if args.worker == "horovod":      # a Horovod script, the import line changed
+            import phalanx.horovod.torch as hvd
+            hvd.init()
     elif args.worker == "ddp":
         import torch.distributed as dist
         rank, world = args.rank, args.world
@@ -82,6 +85,9 @@ def _worker(args: argparse.Namespace) -> None:
     if args.worker == "phalanx":
         opt = DistributedOptimizer(opt, model=model)
         broadcast_parameters(model.state_dict(), root=0)
+    elif args.worker == "horovod":
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     elif args.worker == "ddp":
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -93,7 +99,7 @@ def _worker(args: argparse.Namespace) -> None:
     def barrier() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if args.worker == "phalanx":
+        if args.worker in ("phalanx", "horovod"):
             px.allreduce(torch.zeros(1), op="sum", name="bench.barrier")
         elif args.worker == "ddp":
             dist.barrier()
@@ -155,13 +161,13 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
               "--device", args.device]
     timeout = 600
-    if mode == "phalanx":
+    if mode in ("phalanx", "horovod"):
         cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *common]
         p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(),
                            timeout=timeout)
         if p.returncode != 0:
             raise RuntimeError(f"phalanx run failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-        return _parse_result([p.stdout], "phalanx")
+        return _parse_result([p.stdout], mode)
     if mode == "single":
         p = subprocess.run([sys.executable, *common], check=False, capture_output=True,
                            text=True, env=_env(), timeout=timeout)
@@ -204,7 +210,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--plot", metavar="FILE.png", help="draw samples/s and scaling efficiency "
                    "per model (needs matplotlib)")
-    p.add_argument("--worker", choices=("phalanx", "ddp", "single"), help=argparse.SUPPRESS)
+    p.add_argument("--horovod", action="store_true",
+                   help="also time the Horovod facade (phalanx.horovod.torch's "
+                        "DistributedOptimizer, as a Horovod script uses it) next to phalanx's "
+                        "own API")
+    p.add_argument("--worker", choices=("phalanx", "ddp", "single", "horovod"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
@@ -235,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         res: dict[str, dict[str, Any]] = {}
         for _ in range(args.repeat):     # interleaved, best of `repeat`: damps machine noise
-            for mode, n in (("single", 1), ("ddp", args.np), ("phalanx", args.np)):
+            modes = [("single", 1), ("ddp", args.np), ("phalanx", args.np)]
+            for mode, n in modes + ([("horovod", args.np)] if args.horovod else []):
                 r = _run(mode, model, n, args)
                 if mode not in res or r["samples_per_s"] > res[mode]["samples_per_s"]:
                     res[mode] = r
@@ -250,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             "phalanx_scaling_efficiency": res["phalanx"]["samples_per_s"] / (args.np * one),
             "ddp_scaling_efficiency": res["ddp"]["samples_per_s"] / (args.np * one),
         })
+        if args.horovod:
+            rows[-1]["horovod_samples_per_s"] = res["horovod"]["samples_per_s"]
+            rows[-1]["horovod_over_phalanx"] = (res["horovod"]["samples_per_s"]
+                                                / res["phalanx"]["samples_per_s"])
     head = (f"{'model':6} {'params':>9} {'tensors':>7} {'1-proc/s':>9} {'DDP/s':>9} "
             f"{'phalanx/s':>9} {'px/DDP':>7} {'eff px':>7} {'eff DDP':>7}")
     where = "CPU, one core each" if args.device == "cpu" else _gpu_names()
@@ -261,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['single_samples_per_s']:>9.1f} {r['ddp_samples_per_s']:>9.1f} "
               f"{r['phalanx_samples_per_s']:>9.1f} {r['phalanx_over_ddp']:>7.2f} "
               f"{r['phalanx_scaling_efficiency']:>7.2f} {r['ddp_scaling_efficiency']:>7.2f}")
+    if args.horovod:
+        for r in rows:
+            print(f"{r['model']:6} Horovod facade {r['horovod_samples_per_s']:.1f} samples/s = "
+                  f"{r['horovod_over_phalanx']:.3f} x phalanx's own API")
+    print("columns: samples/s of one process, torch DDP and phalanx; px/DDP their ratio; eff = "
+          "samples/s / (workers x one process)")
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": "train", "results": rows}, indent=2))
     if args.plot:

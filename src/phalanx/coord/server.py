@@ -121,7 +121,7 @@ class CoordServer:
                  heartbeat_timeout: float = 3.0, settle: float = 1.0,
                  fence: FenceFn | None = None,
                  probe_stopped: Callable[[str, int], bool] | None = None,
-                 stopped_timeout: float = 0.5, limits: ConnectionLimits | None = None) -> None:
+                 stopped_timeout: float = 0.3, limits: ConnectionLimits | None = None) -> None:
         self._secret = secret
         self.limits = limits or ConnectionLimits()
         self._stop = threading.Event()

@@ -54,7 +54,7 @@ def _run_parser() -> _Parser:
                    help="collective timeout before a silent peer counts as lost (default 30)")
     p.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SEC",
                    help="heartbeat silence before a worker is declared lost and fenced (default 3); a "
-                        "worker whose process is stopped (SIGSTOP) is fenced after 0.5 s")
+                        "worker whose process is stopped (SIGSTOP) is fenced after 0.3 s")
     p.add_argument("--retry-errors", type=int, default=0, metavar="K",
                    help="treat up to K exceptions raised by workers as faults (e.g. flaky I/O): "
                         "respawned within --max-restarts. Default 0: an exception is a bug and "

@@ -1,0 +1,124 @@
+"""What `phalanx.spark` needs to know about the Spark cluster: the session, how many tasks can
+run at once, how often Spark retries a failed task, and where the driver's coordinator listens.
+
+Only pyspark's public API, plus two JVM calls (the scheduler's count of concurrent task slots,
+the one barrier mode checks) with a fallback when a Spark version lacks them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+SLOT_WAIT = 30.0
+"""Seconds `wait_for_slots` waits for executors to register while the cluster is short."""
+SLOT_STEADY = 3.0
+"""Seconds without a change in the slot count after which waiting longer is pointless."""
+
+
+def session(spark: SparkSession | None) -> SparkSession:
+    """`spark`, or the active SparkSession; a clear error without one or on Spark Connect."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ConfigError("phalanx.spark needs pyspark; install it with "
+                          "`pip install 'phalanx[spark]'` (or `pip install pyspark`)") from None
+    if spark is None:
+        spark = SparkSession.getActiveSession()
+        if spark is None:
+            raise ConfigError("spark=None and there is no active SparkSession; create one "
+                              "(SparkSession.builder...getOrCreate()) or pass spark=...")
+    elif not isinstance(spark, SparkSession):
+        raise ConfigError(f"spark={spark!r} is not a pyspark.sql.SparkSession (Spark Connect "
+                          "sessions are not supported: phalanx needs the SparkContext)")
+    try:
+        _ = spark.sparkContext
+    except Exception as e:  # Spark Connect: no SparkContext on the client
+        raise ConfigError(f"spark={spark!r} has no SparkContext ({e}); phalanx.spark needs a "
+                          "classic (non-Connect) SparkSession to run tasks") from None
+    if os.environ.get("PYSPARK_PIN_THREAD", "true").strip().lower() == "false":
+        # Job groups are per JVM thread: unpinned, the workers' jobs could not be cancelled.
+        raise ConfigError("PYSPARK_PIN_THREAD=false is set; phalanx.spark needs PySpark's "
+                          "pinned thread mode (the default) to cancel its jobs; unset it")
+    return spark
+
+
+def _context(spark_or_sc: Any) -> SparkContext:
+    return getattr(spark_or_sc, "sparkContext", spark_or_sc)
+
+
+def task_slots(spark: Any = None) -> int:
+    """How many tasks the cluster can run at once now (registered executors' cores divided
+    by spark.task.cpus), as Spark counts it for barrier stages."""
+    sc = _context(spark if spark is not None else session(None))
+    jsc = sc._jsc.sc()  # type: ignore[attr-defined]
+    try:
+        profile = jsc.resourceProfileManager().defaultResourceProfile()
+        return int(jsc.maxNumConcurrentTasks(profile))
+    except Exception:  # a Spark without these (private) calls: count cores instead
+        cpus = int(sc.getConf().get("spark.task.cpus", "1") or 1)
+        return int(sc.defaultParallelism) // max(1, cpus)
+
+
+def wait_for_slots(sc: SparkContext, needed: int, *, wait: float = SLOT_WAIT) -> int:
+    """Return the slot count once it reaches `needed`; raise a ConfigError if it does not
+    within `wait` seconds (sooner once it has held steady for SLOT_STEADY seconds)."""
+    t0 = time.monotonic()
+    slots = task_slots(sc)
+    last, changed = slots, t0
+    while slots < needed:
+        now = time.monotonic()
+        if now - t0 >= wait or (slots > 0 and now - changed >= SLOT_STEADY):
+            conf = sc.getConf()
+            cpus = conf.get("spark.task.cpus", "1")
+            dynamic = (conf.get("spark.dynamicAllocation.enabled", "false") or "").lower()
+            hint = (" With dynamic allocation, set spark.dynamicAllocation.minExecutors so the "
+                    "slots exist before the job starts." if dynamic == "true" else "")
+            raise ConfigError(
+                f"num_workers={needed} needs {needed} Spark task slots running at once (every "
+                f"worker of a phalanx job runs at the same time), but the cluster has {slots} "
+                f"(executor cores / spark.task.cpus={cpus}, master {sc.master!r}). Pass "
+                f"num_workers <= {slots}, or add executors or cores.{hint}")
+        time.sleep(0.2)
+        slots = task_slots(sc)
+        if slots != last:
+            last, changed = slots, time.monotonic()
+    return slots
+
+
+_LOCAL = re.compile(r"local(\[(?P<n>[0-9*]+)(\s*,\s*(?P<f>[0-9]+))?\])?$")
+
+
+def max_task_attempts(sc: SparkContext) -> int:
+    """How many times Spark runs a task before failing its job (local[N] never retries
+    unless written local[N,F]; clusters use spark.task.maxFailures, default 4)."""
+    m = _LOCAL.match(str(sc.master).strip())
+    if m is not None:
+        return int(m.group("f")) if m.group("f") else 1
+    return max(1, int(sc.getConf().get("spark.task.maxFailures", "4") or 4))
+
+
+def is_local(sc: SparkContext) -> bool:
+    """Driver and executors share one machine (local[...] or local-cluster[...])."""
+    return str(sc.master).strip().startswith("local")
+
+
+def coordinator_addresses(sc: SparkContext) -> tuple[str, str]:
+    """(where the coordinator listens, the host executors dial): loopback for local masters,
+    else what Spark gave the driver (spark.driver.bindAddress / spark.driver.host)."""
+    if is_local(sc):
+        return "127.0.0.1", "127.0.0.1"
+    conf = sc.getConf()
+    host = str(conf.get("spark.driver.host", None) or "")
+    if not host:
+        raise ConfigError("spark.driver.host is not set; phalanx's coordinator runs in the "
+                          "driver and executors must reach it there")
+    return str(conf.get("spark.driver.bindAddress", None) or host), host

@@ -1,10 +1,13 @@
 """Smoke test of `phalanx bench iterative` at tiny sizes: it runs end to end (data generation, a
-real 2-worker phalanx job, scikit-learn), writes JSON of the documented shape, cached iterations
-beat re-reading ones, and bad arguments fail with a message naming the flag."""
+real 2-worker phalanx job, scikit-learn; with --spark, Spark MLlib and phalanx workers as Spark
+tasks on the same DataFrame), writes JSON of the documented shape, cached iterations beat
+re-reading ones, and bad arguments fail with a message naming the flag."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,46 @@ def test_dir_with_foreign_data_is_refused(tmp_path: Path,
         iterative.main(["--rows", "100", "--shards", "2", "--dir", str(tmp_path)])
     assert "did not write" in capsys.readouterr().err
     assert (tmp_path / "mine.parquet").read_bytes() == b"not ours"
+
+
+@pytest.mark.timeout(150)
+def test_spark_adds_phalanx_on_the_same_dataframe(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """--spark at the smallest size: MLlib's row and row (d), phalanx workers as Spark tasks
+    training on MLlib's DataFrame (from_dataframe), with its ratio to MLlib and the same model
+    as the cached row."""
+    from phalanx.bench import iterative_spark
+
+    pytest.importorskip("pyspark")
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("no Java runtime for Spark")
+    out = tmp_path / "iterative.json"
+    argv = ["--np", "2", "--rows", "20000", "--features", "4", "--shards", "4", "--iters", "3",
+            "--skip-sklearn", "--spark", "--spark-memory", "1g", "--dir", str(tmp_path / "data"),
+            "--json", str(out)]
+    assert iterative.main(argv) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"phalanx_cached", "phalanx_reread", "spark", iterative_spark.KEY}
+    row, mllib, cached = results[iterative_spark.KEY], results["spark"], results["phalanx_cached"]
+    assert row["np"] == 2 and row["rows"] == 20000 and sum(row["rows_per_rank"]) == 20000
+    # The DataFrame MLlib trained on: one split per partition, split between the two workers.
+    assert row["partitions"] == mllib["partitions"] == row["splits"]
+    assert row["x_dtype"] == "float64" and row["cached_bytes_per_rank"] > 0
+    assert len(row["iter_s"]) == 3 and row["n_iter"] == 3
+    assert min(row["iter_s"]) <= row["median_s_per_iter"] <= max(row["iter_s"])
+    assert row["s_per_iter"] == pytest.approx(sum(row["iter_s"]) / 3)
+    assert row["convert_s"] > 0 and row["load_s"] > 0 and row["arrow_bytes"] > 0
+    assert row["split_reads_during_iterations"] == 0  # cached: no split file read again
+    assert "w" not in row and row["same_model_as_cached"] is True
+    assert row["loss"] == pytest.approx(cached["loss"], rel=1e-5)
+    assert row["accuracy"] == pytest.approx(cached["accuracy"], abs=1e-3)
+    ratios = report["ratios"]
+    assert ratios[f"{iterative_spark.KEY}_over_spark"] == pytest.approx(
+        row["s_per_iter"] / mllib["s_per_iter"])
+    assert ratios[f"{iterative_spark.KEY}_over_cached"] == pytest.approx(
+        row["s_per_iter"] / cached["s_per_iter"])
+    table = capsys.readouterr().out
+    assert iterative_spark.LABEL in table and "Spark MLlib lbfgs" in table
+    assert "vs Spark MLlib on the same DataFrame" in table
+    assert "same model as (a): yes" in table

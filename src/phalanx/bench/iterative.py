@@ -14,8 +14,10 @@ splits. (c) scikit-learn's LogisticRegression (lbfgs, max_iter=--iters) fits all
 process; its seconds per iteration are fit time / n_iter_. With --spark, MLlib's
 LogisticRegression (maxIter=--iters) runs on a local[N] SparkSession over the same parquet files
 (cached), per iteration = fit time / totalIterations; it needs `pip install 'phalanx[spark]'`
-and Java 17+. The re-reads hit the OS page cache unless --drop-caches (root) drops it before
-each re-read iteration (outside the timed region).
+and Java 17+. --spark also runs (d): phalanx workers as Spark tasks (phalanx.spark.run) training
+as (a) does on that same DataFrame through from_dataframe (see phalanx.bench.iterative_spark),
+reported with its ratio to MLlib's s/iter. The re-reads hit the OS page cache unless
+--drop-caches (root) drops it before each re-read iteration (outside the timed region).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import plots
+from . import iterative_spark, plots
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iterative_worker.py")
 FORMATS = ("parquet", "npz")
@@ -65,8 +67,8 @@ def _parser() -> _Parser:
                    "scikit-learn (default 1.0)")
     p.add_argument("--dir", default=None, help="write (or reuse) the shards here and keep them; "
                    "default: a temporary directory removed at the end")
-    p.add_argument("--spark", action="store_true", help="also run Spark MLlib (needs pyspark "
-                   "and Java 17+)")
+    p.add_argument("--spark", action="store_true", help="also run Spark MLlib and (d) phalanx "
+                   "on the same Spark DataFrame (needs pyspark and Java 17+)")
     p.add_argument("--spark-memory", default="6g", help="Spark driver memory (default 6g)")
     p.add_argument("--drop-caches", action="store_true", help="drop the OS page cache before "
                    "every re-read iteration (needs root; affects the whole machine)")
@@ -184,7 +186,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [title, head]
     names = {"phalanx_cached": "(a) phalanx, cached shards",
              "phalanx_reread": "(b) phalanx, re-read every iter",
-             "sklearn": "(c) scikit-learn lbfgs, 1 process", "spark": "Spark MLlib lbfgs, local"}
+             "sklearn": "(c) scikit-learn lbfgs, 1 process", "spark": "Spark MLlib lbfgs, local",
+             iterative_spark.KEY: iterative_spark.LABEL}
     for key, label in names.items():
         if key not in r:
             continue
@@ -207,6 +210,7 @@ def format_table(report: dict[str, Any]) -> str:
                                if c["drop_caches"] else
                                "re-reads hit the OS page cache (the data fits in RAM; "
                                "--drop-caches makes them cold)"))
+    lines.extend(iterative_spark.table_lines(report))
     return "\n".join(lines)
 
 
@@ -249,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             results["spark"] = _run([sys.executable, *_worker_args(a, data, out, "spark")],
                                     out, 1, "Spark", timeout=3600)
             print(f"Spark: {results['spark']['s_per_iter']:.4f} s/iter", flush=True)
+            results[iterative_spark.KEY] = iterative_spark.run(a, data, scratch,
+                                                               res["cached"]["w"])
+            print(f"phalanx on the Spark DataFrame: "
+                  f"{results[iterative_spark.KEY]['s_per_iter']:.4f} s/iter", flush=True)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         sys.stderr.write(f"phalanx bench iterative: error: {e}\n")
         return 1
@@ -262,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios["phalanx_reread_over_cached_median"] = (
         results["phalanx_reread"]["median_s_per_iter"]
         / results["phalanx_cached"]["median_s_per_iter"])
+    if iterative_spark.KEY in results:
+        ratios.update(iterative_spark.ratios(results))
     report = {
         "bench": "iterative",
         "config": {"rows": a.rows, "features": a.features, "shards": a.shards,

@@ -175,27 +175,42 @@ def _run_sklearn(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy": correct / n, "x_dtype": str(X.dtype)}
 
 
+def spark_session(cores: int, memory: str, app: str = "phalanx-bench-iterative") -> Any:
+    """The local[cores] SparkSession of the Spark rows (MLlib here, phalanx.spark in
+    `phalanx.bench.iterative_spark`)."""
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master(f"local[{cores}]").appName(app)
+             .config("spark.driver.memory", memory)
+             .config("spark.ui.enabled", "false")
+             .config("spark.sql.shuffle.partitions", str(cores))
+             .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def training_frame(spark: Any, directory: str) -> Any:
+    """The DataFrame MLlib trains on: the parquet shards with the features assembled into one
+    vector column, plus `label`; marked cache() (the first action fills the cache)."""
+    from pyspark.ml.feature import VectorAssembler
+
+    df = spark.read.parquet(os.path.join(directory, "*.parquet"))
+    features = [c for c in df.columns if c != "label"]
+    return (VectorAssembler(inputCols=features, outputCol="features").transform(df)
+            .select("features", "label").cache())
+
+
 def _run_spark(args: argparse.Namespace) -> dict[str, Any]:
     """MLlib's LogisticRegression on a local[np] SparkSession reading the same parquet shards,
     cached; s/iter = fit time / totalIterations of a fit timed after a 1-iteration warm-up fit,
     and marginal s/iter = (that fit - a timed 1-iteration fit) / the iterations between them."""
     from pyspark.ml.classification import LogisticRegression
-    from pyspark.ml.feature import VectorAssembler
-    from pyspark.sql import SparkSession
 
     t0 = time.perf_counter()
-    spark = (SparkSession.builder.master(f"local[{args.np}]").appName("phalanx-bench-iterative")
-             .config("spark.driver.memory", args.spark_memory)
-             .config("spark.ui.enabled", "false")
-             .config("spark.sql.shuffle.partitions", str(args.np))
-             .getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = spark_session(args.np, args.spark_memory)
     start_s = time.perf_counter() - t0
     try:
-        df = spark.read.parquet(os.path.join(args.data, "*.parquet"))
-        features = [c for c in df.columns if c != "label"]
-        data = (VectorAssembler(inputCols=features, outputCol="features").transform(df)
-                .select("features", "label").cache())
+        data = training_frame(spark, args.data)
         t0 = time.perf_counter()
         n = data.count()  # reads, assembles and caches every partition
         load_s = time.perf_counter() - t0

@@ -24,6 +24,9 @@ tolerance on) vs the same loop bare under a non-elastic launcher (off), interlea
 
     phalanx bench recovery --np 4 --faults 10 --json recovery.json
 
+With --engines ray,spark,raytrain it also measures phalanx on Ray and on Spark, and Ray Train's
+TorchTrainer restarting from a checkpoint (opt-in; see recovery_engines.py).
+
 With -H, the benchmark measures losing a whole host instead (crash, cut): see recovery_hosts.py,
 `phalanx bench recovery -H A:2,B:2 --help`, and tests/bench_host_loss.py for simulated hosts.
 """
@@ -498,20 +501,26 @@ def _fmt(x: float | None, unit: str = "s") -> str:
     return "-" if x is None else f"{x:.3f}{unit}"
 
 
+def _row(job: str, kind: str, s: dict[str, Any]) -> str:
+    """One line of the table from a `_kind_summary`."""
+    return (f"{job:13} {kind:8} {s['n']:>3} {_fmt(s['mttr_median_s']):>9} "
+            f"{_fmt(s['mttr_max_s']):>9} {s['steps_lost_total']:>10} "
+            f"{s['samples_lost_total']:>12} {_fmt(s['back_to_full_median_s']):>12} "
+            f"{_fmt(s['join_pause_median_s']):>10}")
+
+
 def _report(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    from .recovery_engines import report_lines
     lines = [(f"recovery: {args.np} workers, MLP 64-{args.hidden}-{args.hidden}-10 on digits, "
               f"batch {args.batch_size}/worker ({DIGITS} samples/epoch)"),
-             (f"{'job':9} {'fault':8} {'n':>3} {'MTTR med':>9} {'MTTR max':>9} "
+             (f"{'job':13} {'fault':8} {'n':>3} {'MTTR med':>9} {'MTTR max':>9} "
               f"{'steps lost':>10} {'samples lost':>12} {'back to full':>12} {'join pause':>10}")]
     for job, kinds in (("phalanx", list(KINDS)), ("torchrun", ["SIGKILL"])):
         if job not in res:
             continue
         for kind in kinds:
-            s = res[job][kind]
-            lines.append(f"{job:9} {kind:8} {s['n']:>3} {_fmt(s['mttr_median_s']):>9} "
-                         f"{_fmt(s['mttr_max_s']):>9} {s['steps_lost_total']:>10} "
-                         f"{s['samples_lost_total']:>12} {_fmt(s['back_to_full_median_s']):>12} "
-                         f"{_fmt(s['join_pause_median_s']):>10}")
+            lines.append(_row(job, kind, res[job][kind]))
+    lines += report_lines(res, _row)
     if "phalanx" in res:
         eo = res["phalanx"]["exactly_once"]
         lines.append(f"phalanx exactly-once: {eo['epochs_checked']} epochs checked, "
@@ -595,6 +604,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--plot", metavar="FILE.png", help="draw each job's steps over time with "
                    "the faults marked (needs matplotlib)")
+    from .recovery_engines import add_arguments
+    add_arguments(p)
     p.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
                    help="measure losing a whole host (crash, cut) on these hosts instead; "
                         "`phalanx bench recovery -H A:2,B:2 --help` lists its options")
@@ -635,6 +646,8 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     except ConfigError as e:
         p.error(str(e))
     a.skip = skip
+    from .recovery_engines import validate
+    validate(p, a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -668,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
         if "torchrun" not in args.skip:
             (work / "torchrun").mkdir()
             res["torchrun"] = _torchrun_faults(args, work / "torchrun", rng)
+        if args.engines:
+            from . import recovery_engines
+            res["engines"] = recovery_engines.run(args, work, rng)
         if "throughput" not in args.skip:
             (work / "throughput").mkdir()
             res["throughput"] = _throughput(args, work / "throughput")
@@ -693,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     if args.plot:
         print(f"wrote {plots.recovery(res, args.plot)}")
-    return 0
+    from .recovery_engines import failed
+    return 1 if failed(res) else 0
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models must name {MODELS}, --np and --steps be >= 1 (got models={bad}, "
                      f"np={args.np}, steps={args.steps}, warmup={args.warmup}, "
                      f"repeat={args.repeat})")
-    from phalanx.bench import plots   # not at the top: this file also runs as a script
+    from phalanx.bench import plots  # not at the top: this file also runs as a script
     from phalanx.errors import ConfigError
     try:
         plots.check_path(args.plot)

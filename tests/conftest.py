@@ -84,3 +84,26 @@ def job(tmp_path):
     def _run(script: str, np: int, *args: str, **kw):
         return run_job(tmp_path, script, np, *args, **kw)
     return _run
+
+
+def run_bench(args: list[str], cwd: Path, timeout: float) -> str:
+    """`phalanx bench ARGS` with this tree's phalanx; its output. Past `timeout` it gets a
+    SIGTERM (the benchmarks stop their jobs on it) and the test fails with what it printed."""
+    import signal
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep +
+           os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "phalanx.launch.cli", "bench", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=cwd)
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            text, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, _ = proc.communicate()
+        pytest.fail(f"phalanx bench {' '.join(args)} did not finish in {timeout:.0f}s:\n{text}")
+    assert proc.returncode == 0, text
+    return text

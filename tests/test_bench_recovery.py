@@ -5,18 +5,14 @@ phalanx loses nothing, not the numbers)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_bench
 
 from phalanx.bench import recovery
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _rec(t: float, s: int, g: int, n: int = 3, e: int = 0, plan: list[list[int]] | None = None,
@@ -98,23 +94,7 @@ def test_bad_arguments_are_rejected(argv: list[str], capsys: pytest.CaptureFixtu
 def test_quick_run_writes_json_and_phalanx_loses_nothing(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     out = tmp_path / "recovery.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep +
-           os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "phalanx.launch.cli", "bench", "recovery", "--quick",
-           "--json", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
-    try:
-        text, _ = proc.communicate(timeout=200)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)     # the benchmark stops its jobs on SIGTERM
-        try:
-            text, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            text, _ = proc.communicate()
-        pytest.fail(f"phalanx bench recovery --quick did not finish in 200s:\n{text}")
-    assert proc.returncode == 0, text
+    text = run_bench(["recovery", "--quick", "--json", str(out)], tmp_path, timeout=200)
     res = json.loads(out.read_text())
     assert res["bench"] == "recovery" and res["config"]["quick"]
     px = res["phalanx"]

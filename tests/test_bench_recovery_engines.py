@@ -5,17 +5,13 @@ outside): it checks the plumbing and that phalanx on Ray loses nothing, not the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bench
 
 from phalanx.bench import recovery, recovery_engines
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("argv", [
@@ -65,24 +61,9 @@ def test_ray_part_recovers_from_a_killed_actor_and_loses_nothing(tmp_path: Path)
     pytest.importorskip("ray")
     pytest.importorskip("sklearn")
     out = tmp_path / "recovery.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep +
-           os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "phalanx.launch.cli", "bench", "recovery", "--np", "2",
-           "--skip", "phalanx,torchrun,throughput", "--engines", "ray", "--engine-faults", "1",
-           "--gap-steps", "3", "6", "--hidden", "64", "--json", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
-    try:
-        text, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)     # the benchmark stops its jobs on SIGTERM
-        try:
-            text, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            text, _ = proc.communicate()
-        pytest.fail(f"phalanx bench recovery --engines ray did not finish in 120s:\n{text}")
-    assert proc.returncode == 0, text
+    text = run_bench(["recovery", "--np", "2", "--skip", "phalanx,torchrun,throughput",
+                      "--engines", "ray", "--engine-faults", "1", "--gap-steps", "3", "6",
+                      "--hidden", "64", "--json", str(out)], tmp_path, timeout=120)
     res = json.loads(out.read_text())
     assert set(res) >= {"engines"} and not {"phalanx", "torchrun", "throughput"} & set(res)
     ray_part = res["engines"]["ray"]

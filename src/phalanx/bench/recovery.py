@@ -345,8 +345,23 @@ def _phalanx_faults(args: argparse.Namespace, out: Path, rng: random.Random) -> 
     cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *launcher,
            str(WORKER), str(out), "--ft", "on", "--log-samples", *_worker_args(args)]
     _say(f"phalanx: {len(kinds)} faults, `phalanx run -np {n} {' '.join(launcher)}`")
-    faults: list[dict[str, Any]] = []
     tail = _Tail(out, "steps.")
+    with _Job(cmd, out, "phalanx", "pid.") as job:
+        faults = inject_elastic_faults(job, tail, kinds, n, rng, args, "phalanx")
+        code = stop_job(job)
+    result: dict[str, Any] = elastic_result(tail, faults, n, code, job, KINDS)
+    result["timeline"] = plots.step_timeline(tail.records, faults)
+    result["launcher"] = f"phalanx run -np {n} {' '.join(launcher)}"
+    return result
+
+
+def inject_elastic_faults(job: _Job, tail: _Tail, kinds: list[str], n: int,
+                          rng: random.Random, args: argparse.Namespace, label: str,
+                          first_wait: float = WAIT_S) -> list[dict[str, Any]]:
+    """Signal a random worker of a full generation once per kind in `kinds`, each time after a
+    random gap of steps, and wait until the survivors step again; the faults, as analysed by
+    `analyze_phalanx`. Used for `phalanx run` and for phalanx on Ray and Spark."""
+    faults: list[dict[str, Any]] = []
 
     def full_generation() -> tuple[int, list[str]] | None:
         """(generation, its workers) once all n workers completed a step in the newest one."""
@@ -354,41 +369,51 @@ def _phalanx_faults(args: argparse.Namespace, out: Path, rng: random.Random) -> 
         members = sorted({w for w, r in tail.all() if r["g"] == g and r["n"] == n})
         return (g, members) if g and len(members) == n else None
 
-    with _Job(cmd, out, "phalanx", "pid.") as job:
-        for i, kind in enumerate(kinds, 1):
-            g, members = _until(job, tail, full_generation, f"all {n} workers stepping")
-            target = tail.max_step() + rng.randint(args.gap_steps[0], args.gap_steps[1])
-            _until(job, tail, _reached(tail, target), f"step {target}")
-            victim = rng.choice(members)
-            pid = int((out / f"pid.{victim}").read_text())
-            step = tail.max_step()
-            t = _signal(pid, KINDS[kind])
-            faults.append({"kind": kind, "victim": victim, "pid": pid, "t": t, "g": g,
-                           "step_seen": step})
+    for i, kind in enumerate(kinds, 1):
+        g, members = _until(job, tail, full_generation, f"all {n} workers stepping",
+                            timeout=first_wait if i == 1 else WAIT_S)
+        target = tail.max_step() + rng.randint(args.gap_steps[0], args.gap_steps[1])
+        _until(job, tail, _reached(tail, target), f"step {target}")
+        victim = rng.choice(members)
+        pid = int((job.out / f"{job.pid_prefix}{victim}").read_text())
+        step = tail.max_step()
+        t = _signal(pid, KINDS[kind])
+        faults.append({"kind": kind, "victim": victim, "pid": pid, "t": t, "g": g,
+                       "step_seen": step})
 
-            def recovered(victim: str = victim, g: int = g) -> float | None:
-                ts = [r["t"] for w, r in tail.all() if w != victim and r["g"] > g]
-                return min(ts) if ts else None
-            t_rec = _until(job, tail, recovered, f"recovery from {kind}")
-            _say(f"phalanx fault {i}/{len(kinds)}: {kind} -> worker {victim} (pid {pid}) near "
-                 f"step {step}; survivors stepping again after {t_rec - t:.3f}s")
-        _until(job, tail, full_generation, f"all {n} workers stepping")
-        (out / "stop").touch()
-        code = job.wait(WAIT_S)
-        if code is None:
-            raise job.fail("did not finish after the stop file")
+        def recovered(victim: str = victim, g: int = g) -> float | None:
+            ts = [r["t"] for w, r in tail.all() if w != victim and r["g"] > g]
+            return min(ts) if ts else None
+        t_rec = _until(job, tail, recovered, f"recovery from {kind}")
+        _say(f"{label} fault {i}/{len(kinds)}: {kind} -> worker {victim} (pid {pid}) near "
+             f"step {step}; survivors stepping again after {t_rec - t:.3f}s")
+    _until(job, tail, full_generation, f"all {n} workers stepping")
+    return faults
+
+
+def stop_job(job: _Job) -> int:
+    """Ask the job to finish (the workers watch for the stop file); its exit code."""
+    (job.out / "stop").touch()
+    code = job.wait(WAIT_S)
+    if code is None:
+        raise job.fail("did not finish after the stop file")
+    return code
+
+
+def elastic_result(tail: _Tail, faults: list[dict[str, Any]], n: int, code: int, job: _Job,
+                   kinds: Iterable[str]) -> dict[str, Any]:
+    """Per-kind summaries, the exactly-once check and the losses nobody injected."""
     tail.poll()
     rows = analyze_phalanx(tail.records, faults, n)
     result: dict[str, Any] = {
-        kind: _kind_summary([r for r in rows if r["kind"] == kind]) for kind in KINDS}
-    result["timeline"] = plots.step_timeline(tail.records, faults)
+        kind: _kind_summary([r for r in rows if r["kind"] == kind]) for kind in kinds}
     result["exactly_once"] = exactly_once(tail.records, DIGITS, last_epoch_complete=code == 0)
     result["exit_code"] = code
-    result["launcher"] = f"phalanx run -np {n} {' '.join(launcher)}"
     # Losses the coordinator declared that were not our faults (e.g. a starved heartbeat).
     victims = {f["victim"] for f in faults}
     result["unplanned_losses"] = [
-        m.group(0) for m in re.finditer(r"worker (\S+) lost: .*", job.log_path.read_text())
+        m.group(0) for m in re.finditer(r"worker (\S+) lost: .*",
+                                        job.log_path.read_text(errors="replace"))
         if m.group(1) not in victims]
     return result
 
@@ -428,10 +453,7 @@ def _torchrun_faults(args: argparse.Namespace, out: Path, rng: random.Random) ->
             t_rec = _until(job, tail, restarted, "torchrun restart")
             _say(f"torchrun fault {i}/{k}: SIGKILL -> rank {victim} (pid {pid}) near step "
                  f"{step}; stepping again after {t_rec - t:.3f}s")
-        (out / "stop").touch()
-        code = job.wait(WAIT_S)
-        if code is None:
-            raise job.fail("did not finish after the stop file")
+        code = stop_job(job)
     tail.poll()
     rows = analyze_torchrun(tail.records, faults)
     return {"SIGKILL": _kind_summary(rows), "exit_code": code,

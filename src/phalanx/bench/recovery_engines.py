@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -43,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from .recovery import (
-    DIGITS,
     WAIT_S,
     BenchError,
     _env,
@@ -55,9 +53,10 @@ from .recovery import (
     _signal,
     _Tail,
     _until,
-    analyze_phalanx,
     analyze_torchrun,
-    exactly_once,
+    elastic_result,
+    inject_elastic_faults,
+    stop_job,
 )
 from .recovery_engines_job import ENGINES
 
@@ -192,50 +191,15 @@ def _phalanx_engine(engine: str, args: argparse.Namespace, out: Path,
                f"{HEARTBEAT_TIMEOUT:g}) on Spark master {args.spark_master}")
     _say(f"{LABELS[engine]}: {k} SIGKILL faults, {how}")
     tail = _Tail(out, "steps.")
-    faults: list[dict[str, Any]] = []
-
-    def full_generation() -> tuple[int, list[str]] | None:
-        g = max((r["g"] for _, r in tail.all()), default=0)
-        members = sorted({w for w, r in tail.all() if r["g"] == g and r["n"] == n})
-        return (g, members) if g and len(members) == n else None
-
     with _EngineJob(_job_cmd(engine, args, out, *extra), out, engine, "pid.",
                     WORKER_MARKERS[engine]) as job:
-        for i in range(1, k + 1):
-            g, members = _until(job, tail, full_generation, f"all {n} workers stepping",
-                                timeout=START_WAIT_S if i == 1 else WAIT_S)
-            target = tail.max_step() + rng.randint(args.gap_steps[0], args.gap_steps[1])
-            _until(job, tail, _reached(tail, target), f"step {target}")
-            victim = rng.choice(members)
-            pid = int((out / f"pid.{victim}").read_text())
-            step = tail.max_step()
-            t = _signal(pid, signal.SIGKILL)
-            faults.append({"kind": "SIGKILL", "victim": victim, "pid": pid, "t": t, "g": g,
-                           "step_seen": step})
-
-            def recovered(victim: str = victim, g: int = g) -> float | None:
-                ts = [r["t"] for w, r in tail.all() if w != victim and r["g"] > g]
-                return min(ts) if ts else None
-            t_rec = _until(job, tail, recovered, "recovery from SIGKILL")
-            _say(f"{LABELS[engine]} fault {i}/{k}: SIGKILL -> worker {victim} (pid {pid}) near "
-                 f"step {step}; survivors stepping again after {t_rec - t:.3f}s")
-        _until(job, tail, full_generation, f"all {n} workers stepping")
-        (out / "stop").touch()
-        code = job.wait(WAIT_S)
-        if code is None:
-            raise job.fail("did not finish after the stop file")
+        faults = inject_elastic_faults(job, tail, ["SIGKILL"] * k, n, rng, args,
+                                       LABELS[engine], first_wait=START_WAIT_S)
+        code = stop_job(job)
         if code != 0:
             raise job.fail("the driver failed")
-    tail.poll()
-    rows = analyze_phalanx(tail.records, faults, n)
-    victims = {f["victim"] for f in faults}
-    return {"job": LABELS[engine], "launcher": how, "SIGKILL": _kind_summary(rows),
-            "exactly_once": exactly_once(tail.records, DIGITS, last_epoch_complete=code == 0),
-            "exit_code": code,
-            "unplanned_losses": [
-                m.group(0) for m in re.finditer(r"worker (\S+) lost: .*",
-                                                job.log_path.read_text(errors="replace"))
-                if m.group(1) not in victims]}
+    return {"job": LABELS[engine], "launcher": how,
+            **elastic_result(tail, faults, n, code, job, ["SIGKILL"])}
 
 
 def _raytrain(args: argparse.Namespace, out: Path, rng: random.Random) -> dict[str, Any]:
@@ -275,10 +239,7 @@ def _raytrain(args: argparse.Namespace, out: Path, rng: random.Random) -> dict[s
             t_rec = _until(job, tail, restarted, "Ray Train restart", timeout=START_WAIT_S)
             _say(f"raytrain fault {i}/{k}: SIGKILL -> rank {victim} (pid {pid}) near step "
                  f"{step}; stepping again after {t_rec - t:.3f}s")
-        (out / "stop").touch()
-        code = job.wait(WAIT_S)
-        if code is None:
-            raise job.fail("did not finish after the stop file")
+        code = stop_job(job)
         if code != 0:
             raise job.fail("the driver failed")
     tail.poll()

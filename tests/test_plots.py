@@ -44,6 +44,11 @@ def test_train_iterative_and_recovery_plots(tmp_path) -> None:
              "phalanx_samples_per_s": 170.0, "ddp_scaling_efficiency": 0.75,
              "phalanx_scaling_efficiency": 0.85} for m in ("mlp", "many")]
     _check_png(plots.train(rows, tmp_path / "train.png"))
+    ph = {"step": 40.0, "forward_backward": 25.0, "sync": 8.0, "optimizer": 5.0, "boundary": 0.1}
+    for r in rows:   # with the copy path and the step phases: a second panel
+        r.update(phalanx_copy_samples_per_s=160.0, phalanx_copy_scaling_efficiency=0.8,
+                 phases_ms={"phalanx": ph, "phalanx-copy": {**ph, "sync": 12.0}})
+    _check_png(plots.train(rows, tmp_path / "train2.png"))
     report = {"config": {"rows": 100000, "features": 20, "np": 2},
               "results": {"phalanx_cached": {"s_per_iter": 0.01},
                           "phalanx_reread": {"s_per_iter": 0.05},

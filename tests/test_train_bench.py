@@ -60,13 +60,17 @@ def test_bench_train_runs_and_writes_json(tmp_path: Path) -> None:
     from phalanx.bench import train
     out = tmp_path / "train.json"
     assert train.main(["--np", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4",
-                       "--models", "many", "--horovod", "--json", str(out)]) == 0
+                       "--models", "many", "--horovod", "--compare-copy", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "many" and row["tensors"] > 100
     for key in ("single_samples_per_s", "ddp_samples_per_s", "phalanx_samples_per_s",
                 "phalanx_over_ddp", "phalanx_scaling_efficiency", "horovod_samples_per_s",
-                "horovod_over_phalanx"):
+                "horovod_over_phalanx", "phalanx_copy_samples_per_s"):
         assert row[key] > 0
+    for mode in ("phalanx", "phalanx-copy", "horovod"):   # step phases, about the step time
+        ph = row["phases_ms"][mode]   # (2 timed steps here: a loose check of the plumbing)
+        parts = ph["forward_backward"] + ph["sync"] + ph["optimizer"] + ph["boundary"]
+        assert 0.5 * ph["step"] < parts < 1.5 * ph["step"], (mode, ph)
 
 
 def test_bench_train_rejects_bad_models() -> None:

@@ -42,27 +42,40 @@ def make_opt(kind, m):
 def flat(m):
     return torch.cat([p.detach().reshape(-1) for p in m.parameters()]).clone()
 
-def run(m, opt, x, y, k):
+def run(m, opt, x, y, k, set_to_none=True):
     """x: (steps, k micro-batches, batch, 6); returns the parameters after every step."""
     snaps = []
     for xs, ys in zip(x, y):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         for xm, ym in zip(xs, ys):
             (torch.nn.functional.cross_entropy(m(xm), ym) / k).backward()
         opt.step()
         snaps.append(flat(m))
     return torch.stack(snaps)
 
+def in_buckets(m, opt):
+    """Every gradient's storage lies inside its bucket's buffer (gradient_as_bucket_view)."""
+    spans = [(b.buffer.data_ptr(), b.buffer.data_ptr() + b.numel * b.buffer.element_size())
+             for b in opt.buckets]
+    return all(any(lo <= p.grad.data_ptr() < hi for lo, hi in spans) for p in m.parameters())
+
 out = {}
 for kind, k, comp in CONFIGS:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(STEPS, k, n * B, 6, generator=g)
     y = torch.randint(0, 3, (STEPS, k, n * B), generator=g)
-    m = model()
-    opt = DistributedOptimizer(make_opt(kind, m), model=m, backward_passes_per_step=k,
-                               compression=comp, bucket_cap_mb=0.001)
     key = f"{kind}-k{k}-{comp}"
-    out[key] = run(m, opt, x[:, :, r * B:(r + 1) * B], y[:, :, r * B:(r + 1) * B], k)
+    # gradients as bucket views (default), then the copy path and views with zeroed gradients:
+    # all three must give the same bits
+    for view, none, suffix in ((True, True, ""), (False, True, "-copy"), (True, False, "-zeroed")):
+        m = model()
+        opt = DistributedOptimizer(make_opt(kind, m), model=m, backward_passes_per_step=k,
+                                   compression=comp, bucket_cap_mb=0.001,
+                                   gradient_as_bucket_view=view)
+        out[key + suffix] = run(m, opt, x[:, :, r * B:(r + 1) * B], y[:, :, r * B:(r + 1) * B],
+                                k, set_to_none=none)
+        if view:
+            out[key + suffix + "-views"] = in_buckets(m, opt)
     if r == 0:
         ref = model()
         out[key + "-ref"] = run(ref, make_opt(kind, ref), x, y, k)
@@ -126,8 +139,12 @@ def test_equivalence_identity_unused_and_misuse(job, tmp_path: Path, n: int) -> 
     _check(job(EQUIVALENCE, n, script_args=(str(tmp_path),), timeout=100))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(n)]
     for key, snaps in outs[0].items():
-        if key.endswith("-ref") or key.startswith(("unused", "misuse")):
+        if key.endswith(("-ref", "-copy", "-zeroed", "-views")) or key.startswith(
+                ("unused", "misuse")):
             continue
+        for other in ("-copy", "-zeroed"):   # bucket views change no bit of the result
+            assert torch.equal(snaps, outs[0][key + other]), f"{key}{other} differs from {key}"
+        assert outs[0][key + "-views"] and outs[0][key + "-zeroed-views"], key
         for r in range(1, n):          # every rank, after every step: the same bits
             assert torch.equal(snaps, outs[r][key]), f"{key}: rank {r} differs from rank 0"
         ref = outs[0][key + "-ref"]

@@ -382,12 +382,16 @@ def test_shard_indices() -> None:
         shard_indices(10, 3, 3)
 
 
-def test_failed_reduction_keeps_local_grads_and_can_be_retried(
-        world: Callable[[int], ThreadWorld], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("views", [False, True])
+def test_failed_reduction_keeps_or_drops_local_grads(
+        world: Callable[[int], ThreadWorld], monkeypatch: pytest.MonkeyPatch, views: bool) -> None:
+    """Copy path: a failed reduction leaves p.grad as it was and step() retries it. Bucket
+    views: the gradients were being reduced in place, so they are dropped and step() refuses,
+    naming the fix, until a new backward."""
     w = world(1)
     m = _model()
     opt = DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), model=m,
-                               bucket_cap_mb=0.001)
+                               bucket_cap_mb=0.001, gradient_as_bucket_view=views)
     x, y = _data(1, 8)
 
     class Lost:
@@ -399,9 +403,49 @@ def test_failed_reduction_keeps_local_grads_and_can_be_retried(
     before = [p.grad.clone() for p in m.parameters()]
     with pytest.raises(PhalanxError, match="peer lost"):
         opt.step()
-    assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
     monkeypatch.setattr(_comm, "allreduce_async_", w.allreduce_async_)
-    opt.step()                                     # retried with the same local gradients
+    if not views:
+        assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
+        opt.step()                                 # retried with the same local gradients
+        return
+    assert all(p.grad is None for p in m.parameters())
+    with pytest.raises(PhalanxError, match="redo zero_grad.*gradient_as_bucket_view=False"):
+        opt.step()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(m(x[0]), y[0]).backward()
+    opt.step()
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
+
+
+def test_gradients_are_bucket_views_and_match_the_copy_path(
+        world: Callable[[int], ThreadWorld]) -> None:
+    """One rank, several buckets: views and copies give the same
+    bits for SGD and AdamW, with and without accumulation and fp16; grads live in the buckets."""
+    world(1)
+    for kind in ("sgd", "adamw"):
+        for k in (1, 2):
+            for comp in ("none", "fp16"):
+                finals = []
+                for views in (True, False):
+                    m = _model()
+                    opt = DistributedOptimizer(_opt(kind, m), model=m, bucket_cap_mb=0.0005,
+                                               backward_passes_per_step=k, compression=comp,
+                                               gradient_as_bucket_view=views)
+                    x, y = _data(3 * k, 8)
+                    for s in range(3):
+                        opt.zero_grad()
+                        for i in range(k):
+                            loss = torch.nn.functional.cross_entropy(m(x[s * k + i]), y[s * k + i])
+                            loss.backward()
+                        opt.step()
+                    finals.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
+                    if views:
+                        assert len(opt.buckets) > 1
+                        for b in opt.buckets:
+                            lo = b.buffer.data_ptr()
+                            hi = lo + b.numel * b.buffer.element_size()
+                            assert all(lo <= p.grad.data_ptr() < hi for p in b.params)
+                assert torch.equal(finals[0], finals[1]), (kind, k, comp)
 
 
 def test_ranks_with_different_models_get_a_mismatch_naming_the_parameters(

@@ -71,13 +71,20 @@ def allreduce(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def train(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Samples/s per model for one process, DDP and phalanx; efficiency over the bars."""
+    """Samples/s per model for one process, DDP and phalanx (and the copy path when it was
+    measured), efficiency over the bars; with step phases, a second panel of where a step's
+    time goes in each phalanx mode."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    width = 0.27
-    for i, (key, name) in enumerate((("single", "1 process"), ("ddp", "torch DDP"),
-                                     ("phalanx", "phalanx"))):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
+    modes = [(k, n) for k, n in (("single", "1 process"), ("ddp", "torch DDP"),
+                                 ("phalanx_copy", "phalanx, copy path"), ("phalanx", "phalanx"))
+             if rows and f"{k}_samples_per_s" in rows[0]]
+    phased = [(r["model"], m, ph) for r in rows for m, ph in r.get("phases_ms", {}).items()]
+    fig, axes = plt.subplots(1, 2 if phased else 1, figsize=(12 if phased else 7, 4.2),
+                             squeeze=False)
+    ax = axes[0, 0]
+    width = 0.8 / len(modes)
+    for i, (key, name) in enumerate(modes):
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(rows))]
         bars = ax.bar(xs, [r[f"{key}_samples_per_s"] for r in rows], width, label=name)
         if key != "single":
             for b, r in zip(bars, rows):
@@ -87,9 +94,27 @@ def train(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
     ax.set_ylabel("samples/s")
     np_ = rows[0]["np"] if rows else "?"
-    ax.set_title(f"training throughput, {np_} workers (efficiency = samples/s / (N x 1 process))")
-    ax.legend()
+    ax.set_title(f"throughput, {np_} workers (eff = samples/s / (N x 1 process))", fontsize=10)
+    ax.legend(fontsize=8)
+    if phased:
+        _phases(axes[0, 1], phased)
     return _save(fig, path)
+
+
+def _phases(ax: Any, phased: list[tuple[str, str, dict[str, float]]]) -> None:
+    """Stacked bars: forward+backward, wait for reductions, optimizer, boundary (ms/step)."""
+    parts = (("forward_backward", "forward+backward"), ("sync", "wait for reductions"),
+             ("optimizer", "optimizer step"), ("boundary", "step boundary"))
+    labels = [f"{model}\n{mode}" for model, mode, _ in phased]
+    bottom = [0.0] * len(phased)
+    for key, name in parts:
+        vals = [ph.get(key, 0.0) for _, _, ph in phased]
+        ax.bar(range(len(phased)), vals, 0.6, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(phased)), labels, fontsize=8)
+    ax.set_ylabel("ms per step (rank 0)")
+    ax.set_title("where a step's time goes", fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def recovery(res: dict[str, Any], path: str | Path) -> Path:

@@ -4,7 +4,8 @@ matters). Every worker uses one torch thread; warm-up steps are not timed.
 
     phalanx bench train --np 2 --steps 30 --json train.json
 
-Reports samples/s for each, the phalanx/DDP ratio and scaling efficiency thr(N) / (N * thr(1)).
+Reports samples/s for each, the phalanx/DDP ratio, scaling efficiency thr(N) / (N * thr(1)) and
+where a phalanx step's time goes (forward+backward, waiting for reductions, optimizer step).
 This file is also the worker script: the launcher, DDP and the single run start it with --worker.
 """
 
@@ -56,7 +57,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(1)
     rank, world = 0, 1
-    if args.worker in ("phalanx", "horovod"):
+    if args.worker in ("phalanx", "phalanx-copy", "horovod"):
         import phalanx as px
         from phalanx.train import DistributedOptimizer, broadcast_parameters
         px.init()
@@ -67,6 +68,11 @@ def _worker(args: argparse.Namespace) -> None:
     elif args.worker == "ddp":
         import torch.distributed as dist
         rank, world = args.rank, args.world
+    elif args.worker == "horovod-real":   # Horovod itself, started by horovodrun
+        import horovod.torch as hvd
+        hvd.init()
+        rank, world = hvd.rank(), hvd.size()
+    if args.worker == "ddp":
         # NCCL needs a GPU per rank; ranks sharing one reduce CUDA tensors over Gloo.
         backend = ("nccl" if args.device == "cuda" and torch.cuda.device_count() >= world
                    else "gloo")
@@ -82,10 +88,11 @@ def _worker(args: argparse.Namespace) -> None:
     model.to(device)
     opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     net: Any = model
-    if args.worker == "phalanx":
-        opt = DistributedOptimizer(opt, model=model)
+    if args.worker in ("phalanx", "phalanx-copy"):
+        opt = DistributedOptimizer(opt, model=model,
+                                   gradient_as_bucket_view=args.worker == "phalanx")
         broadcast_parameters(model.state_dict(), root=0)
-    elif args.worker == "horovod":
+    elif args.worker in ("horovod", "horovod-real"):
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     elif args.worker == "ddp":
@@ -99,8 +106,10 @@ def _worker(args: argparse.Namespace) -> None:
     def barrier() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if args.worker in ("phalanx", "horovod"):
+        if args.worker in ("phalanx", "phalanx-copy", "horovod"):
             px.allreduce(torch.zeros(1), op="sum", name="bench.barrier")
+        elif args.worker == "horovod-real":
+            hvd.allreduce(torch.zeros(1), name="bench.barrier")
         elif args.worker == "ddp":
             dist.barrier()
 
@@ -122,9 +131,23 @@ def _worker(args: argparse.Namespace) -> None:
         thr = world * args.batch_size * args.steps / elapsed
         print("BENCH " + json.dumps({"samples_per_s": thr,
                                      "step_ms": 1e3 * elapsed / args.steps, "params": n_params,
-                                     "tensors": len(list(model.parameters()))}), flush=True)
+                                     "tensors": len(list(model.parameters())),
+                                     "phases_ms": _phases_ms(args)}), flush=True)
     if args.worker == "ddp":
         dist.destroy_process_group()
+
+
+def _phases_ms(args: argparse.Namespace) -> dict[str, float] | None:
+    """Mean per-step phases of the timed steps (DistributedOptimizer's step records), in ms;
+    the first timed step is left out where there are more (its compute phase holds the
+    barrier before the timing)."""
+    if args.worker not in ("phalanx", "phalanx-copy", "horovod"):
+        return None
+    from phalanx import runtime
+    from phalanx.observe.recorder import PHASES
+    steps = list(runtime.current().recorder.steps)[-max(1, args.steps - 1):]
+    return {k.removesuffix("_s"): 1e3 * sum(s[k] for s in steps) / max(1, len(steps))
+            for k in (*PHASES, "reduce_s")}
 
 
 def _gpu_names() -> str:
@@ -161,13 +184,15 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
               "--device", args.device]
     timeout = 600
-    if mode in ("phalanx", "horovod"):
+    if mode in ("phalanx", "phalanx-copy", "horovod"):
         cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *common]
         p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(),
                            timeout=timeout)
         if p.returncode != 0:
             raise RuntimeError(f"phalanx run failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
         return _parse_result([p.stdout], mode)
+    if mode == "horovod-real":
+        return _run_horovodrun(common, n, timeout)
     if mode == "single":
         p = subprocess.run([sys.executable, *common], check=False, capture_output=True,
                            text=True, env=_env(), timeout=timeout)
@@ -192,6 +217,21 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
     return _parse_result(outs, "ddp")
 
 
+def _run_horovodrun(common: list[str], n: int, timeout: float) -> dict[str, Any]:
+    """Real Horovod (`import horovod.torch`), launched on this host with its own horovodrun."""
+    import shutil
+    launcher = shutil.which("horovodrun")
+    if launcher is None:
+        raise RuntimeError("--real-horovod: horovodrun is not on PATH; install Horovod "
+                           "(BENCHMARKS.md says how to build 0.28.1 against this torch)")
+    p = subprocess.run([launcher, "-np", str(n), "-H", f"localhost:{n}", "--gloo",
+                        sys.executable, *common], check=False, capture_output=True, text=True,
+                       env=_env(), timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"horovodrun failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return _parse_result([p.stdout], "horovod-real")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phalanx bench train", description=__doc__.split("\n")[0])
     p.add_argument("--np", type=int, default=2, help="workers for phalanx and DDP (default 2)")
@@ -201,7 +241,12 @@ def _parser() -> argparse.ArgumentParser:
                         "scheduler spreads them)")
     p.add_argument("--batch-size", type=int, default=32, help="per-worker batch (default 32)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="run each mode this many times, interleaved, and keep the best (default 1)")
+                   help="run each mode this many times, interleaved (default 1)")
+    p.add_argument("--stat", choices=("median", "best"), default="median",
+                   help="which of the repeats to report (default median)")
+    p.add_argument("--compare-copy", action="store_true",
+                   help="also time phalanx with gradient_as_bucket_view=False (gradients packed "
+                        "into and unpacked from the buckets: the path before zero-copy)")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of mlp,many")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="train on the CPU (default) or on CUDA: a GPU per worker where there "
@@ -214,7 +259,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="also time the Horovod facade (phalanx.horovod.torch's "
                         "DistributedOptimizer, as a Horovod script uses it) next to phalanx's "
                         "own API")
-    p.add_argument("--worker", choices=("phalanx", "ddp", "single", "horovod"),
+    p.add_argument("--real-horovod", action="store_true",
+                   help="also time real Horovod (needs `import horovod.torch` and horovodrun), "
+                        "the same script with Horovod's own import line")
+    p.add_argument("--worker", choices=("phalanx", "phalanx-copy", "ddp", "single", "horovod",
+                                        "horovod-real"),
                    help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -242,52 +291,91 @@ def main(argv: list[str] | None = None) -> int:
         plots.check_path(args.plot)
     except ConfigError as e:
         parser.error(str(e))
-    rows = []
-    for model in models:
-        res: dict[str, dict[str, Any]] = {}
-        for _ in range(args.repeat):     # interleaved, best of `repeat`: damps machine noise
-            modes = [("single", 1), ("ddp", args.np), ("phalanx", args.np)]
-            for mode, n in modes + ([("horovod", args.np)] if args.horovod else []):
-                r = _run(mode, model, n, args)
-                if mode not in res or r["samples_per_s"] > res[mode]["samples_per_s"]:
-                    res[mode] = r
-        one = res["single"]["samples_per_s"]
-        rows.append({
-            "model": model, "params": res["single"]["params"], "device": args.device,
-            "tensors": res["single"]["tensors"], "np": args.np, "batch_per_worker": args.batch_size,
-            "single_samples_per_s": one,
-            "ddp_samples_per_s": res["ddp"]["samples_per_s"],
-            "phalanx_samples_per_s": res["phalanx"]["samples_per_s"],
-            "phalanx_over_ddp": res["phalanx"]["samples_per_s"] / res["ddp"]["samples_per_s"],
-            "phalanx_scaling_efficiency": res["phalanx"]["samples_per_s"] / (args.np * one),
-            "ddp_scaling_efficiency": res["ddp"]["samples_per_s"] / (args.np * one),
-        })
-        if args.horovod:
-            rows[-1]["horovod_samples_per_s"] = res["horovod"]["samples_per_s"]
-            rows[-1]["horovod_over_phalanx"] = (res["horovod"]["samples_per_s"]
-                                                / res["phalanx"]["samples_per_s"])
-    head = (f"{'model':6} {'params':>9} {'tensors':>7} {'1-proc/s':>9} {'DDP/s':>9} "
-            f"{'phalanx/s':>9} {'px/DDP':>7} {'eff px':>7} {'eff DDP':>7}")
-    where = "CPU, one core each" if args.device == "cpu" else _gpu_names()
-    print(f"train throughput on {where}, {args.np} workers, batch {args.batch_size}/worker, "
-          f"{args.steps} timed steps, best of {args.repeat} (samples/s)")
-    print(head)
-    for r in rows:
-        print(f"{r['model']:6} {r['params']:>9,} {r['tensors']:>7} "
-              f"{r['single_samples_per_s']:>9.1f} {r['ddp_samples_per_s']:>9.1f} "
-              f"{r['phalanx_samples_per_s']:>9.1f} {r['phalanx_over_ddp']:>7.2f} "
-              f"{r['phalanx_scaling_efficiency']:>7.2f} {r['ddp_scaling_efficiency']:>7.2f}")
-    if args.horovod:
-        for r in rows:
-            print(f"{r['model']:6} Horovod facade {r['horovod_samples_per_s']:.1f} samples/s = "
-                  f"{r['horovod_over_phalanx']:.3f} x phalanx's own API")
-    print("columns: samples/s of one process, torch DDP and phalanx; px/DDP their ratio; eff = "
-          "samples/s / (workers x one process)")
+    rows = [_row(model, _measure(model, args), args) for model in models]
+    _report(rows, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": "train", "results": rows}, indent=2))
     if args.plot:
         print(f"wrote {plots.train(rows, args.plot)}")
     return 0
+
+
+def _measure(model: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every mode `repeat` times, interleaved (damps machine noise); per mode the median run
+    by samples/s (the lower middle one for an even count) or the best, as --stat says."""
+    modes = [("single", 1), ("ddp", args.np), ("phalanx", args.np)]
+    modes += [("phalanx-copy", args.np)] if args.compare_copy else []
+    modes += [("horovod", args.np)] if args.horovod else []
+    modes += [("horovod-real", args.np)] if args.real_horovod else []
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for i in range(args.repeat):
+        for mode, n in modes:
+            print(f"  {model}: {mode} on {n} worker(s), repeat {i + 1}/{args.repeat}",
+                  file=sys.stderr, flush=True)
+            runs.setdefault(mode, []).append(_run(mode, model, n, args))
+    out = {}
+    for mode, rs in runs.items():
+        rs.sort(key=lambda r: r["samples_per_s"])
+        out[mode] = rs[-1] if args.stat == "best" else rs[(len(rs) - 1) // 2]
+        out[mode]["all_samples_per_s"] = [r["samples_per_s"] for r in rs]
+    return out
+
+
+def _row(model: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    one = res["single"]["samples_per_s"]
+    px = res["phalanx"]["samples_per_s"]
+    row: dict[str, Any] = {
+        "model": model, "params": res["single"]["params"], "device": args.device,
+        "tensors": res["single"]["tensors"], "np": args.np, "batch_per_worker": args.batch_size,
+        "stat": args.stat, "repeat": args.repeat,
+        "single_samples_per_s": one, "ddp_samples_per_s": res["ddp"]["samples_per_s"],
+        "phalanx_samples_per_s": px, "phalanx_over_ddp": px / res["ddp"]["samples_per_s"],
+        "phalanx_scaling_efficiency": px / (args.np * one),
+        "ddp_scaling_efficiency": res["ddp"]["samples_per_s"] / (args.np * one),
+        "single_step_ms": res["single"]["step_ms"],
+        "phases_ms": {m: r["phases_ms"] | {"step": r["step_ms"]}
+                      for m, r in res.items() if r.get("phases_ms")},
+        "runs_samples_per_s": {m: r["all_samples_per_s"] for m, r in res.items()},
+    }
+    for mode in ("phalanx-copy", "horovod", "horovod-real"):
+        if mode in res:
+            key = mode.replace("-", "_")
+            row[f"{key}_samples_per_s"] = res[mode]["samples_per_s"]
+            row[f"{key}_over_phalanx"] = res[mode]["samples_per_s"] / px
+            row[f"{key}_scaling_efficiency"] = res[mode]["samples_per_s"] / (args.np * one)
+    return row
+
+
+def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    where = "CPU, one core each" if args.device == "cpu" else _gpu_names()
+    print(f"train throughput on {where}, {args.np} workers, batch {args.batch_size}/worker, "
+          f"{args.steps} timed steps, {args.stat} of {args.repeat} (samples/s)")
+    print(f"{'model':6} {'params':>9} {'tensors':>7} {'1-proc/s':>9} {'DDP/s':>9} "
+          f"{'phalanx/s':>9} {'px/DDP':>7} {'eff px':>7} {'eff DDP':>7}")
+    for r in rows:
+        print(f"{r['model']:6} {r['params']:>9,} {r['tensors']:>7} "
+              f"{r['single_samples_per_s']:>9.1f} {r['ddp_samples_per_s']:>9.1f} "
+              f"{r['phalanx_samples_per_s']:>9.1f} {r['phalanx_over_ddp']:>7.2f} "
+              f"{r['phalanx_scaling_efficiency']:>7.2f} {r['ddp_scaling_efficiency']:>7.2f}")
+    for r in rows:
+        for mode, what in (("phalanx_copy", "phalanx, copy path (no bucket views)"),
+                           ("horovod", "Horovod facade"),
+                           ("horovod_real", "real Horovod")):
+            if f"{mode}_samples_per_s" in r:
+                print(f"{r['model']:6} {what}: {r[f'{mode}_samples_per_s']:.1f} samples/s = "
+                      f"{r[f'{mode}_over_phalanx']:.3f} x phalanx (eff. "
+                      f"{r[f'{mode}_scaling_efficiency']:.2f})")
+    print("columns: samples/s of one process, torch DDP and phalanx; px/DDP their ratio; eff = "
+          "samples/s / (workers x one process)")
+    print("where a step's time goes (ms, rank 0, mean of the timed steps; reduce = time "
+          "collectives ran, overlapping the rest):")
+    print(f"  {'model':6} {'mode':13} {'step':>6} {'fwd+bwd':>8} {'wait':>6} {'optim':>6} "
+          f"{'boundary':>8} {'reduce':>7}   one process: step")
+    for r in rows:
+        for mode, ph in r["phases_ms"].items():
+            print(f"  {r['model']:6} {mode:13} {ph['step']:>6.1f} {ph['forward_backward']:>8.1f} "
+                  f"{ph['sync']:>6.1f} {ph['optimizer']:>6.1f} {ph['boundary']:>8.1f} "
+                  f"{ph['reduce']:>7.1f}   {r['single_step_ms']:.1f}")
 
 
 if __name__ == "__main__":

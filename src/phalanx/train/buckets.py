@@ -39,12 +39,71 @@ class Bucket:
     """Flat buffer of `numel + len(params)` elements: gradients, then one presence flag per
     parameter (1 where this rank produced a gradient). Allocated on first use."""
 
+    views: list[torch.Tensor] = field(default_factory=list)
+    """Each parameter's slice of `buffer`, shaped like the parameter (made with the buffer)."""
+
     def flat(self, device: torch.device) -> torch.Tensor:
         """The bucket's flat buffer, allocated once."""
         if self.buffer is None or self.buffer.device != device:
             self.buffer = torch.empty(self.numel + len(self.params), dtype=self.dtype,
                                       device=device)
+            self.views = [self.buffer[o:o + p.numel()].view_as(p)
+                          for o, p in zip(self.offsets, self.params)]
         return self.buffer
+
+    def holds(self, j: int) -> bool:
+        """Whether parameter j's gradient already is its view into the buffer."""
+        g, v = self.params[j].grad, self.views[j]
+        return (g is not None and not g.is_sparse and g.data_ptr() == v.data_ptr()
+                and g.shape == v.shape)
+
+    def adopt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-copy packing (DDP's `gradient_as_bucket_view`): make every gradient a view into
+        the buffer, copying in (one fused copy) only those that live elsewhere: a fresh
+        gradient after `zero_grad(set_to_none=True)`, or one the user replaced. Zeros where
+        there is no gradient. Returns views (gradients, presence flags), as `pack` does."""
+        buf = self.flat(self.params[0].device)
+        grads, presence = buf[:self.numel], buf[self.numel:]
+        present: list[float] = []
+        zeros: list[torch.Tensor] = []
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        for j, p in enumerate(self.params):
+            g, v = p.grad, self.views[j]
+            if g is None:
+                zeros.append(v)
+                present.append(0.0)
+                continue
+            present.append(1.0)
+            if g.is_sparse:
+                g = g.to_dense()
+            elif g.data_ptr() == v.data_ptr() and g.shape == v.shape:
+                continue                     # accumulated in place: already in the bucket
+            dsts.append(v)
+            srcs.append(g)
+            p.grad = v
+        if zeros:
+            torch._foreach_zero_(zeros)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        presence.copy_(torch.tensor(present, dtype=self.dtype))
+        return grads, presence
+
+    def hand_back(self, presence: torch.Tensor) -> None:
+        """After an in-place reduction of adopted gradients: a parameter without a local
+        gradient gets its view if any rank produced one (None stays None otherwise), which is
+        what `unpack` leaves, without copying anything."""
+        present = (presence > 0).tolist()
+        for p, v, has in zip(self.params, self.views, present):
+            if p.grad is None and has:
+                p.grad = v
+
+    def drop(self) -> None:
+        """Forget gradients that are views into the buffer (after a failed in-place reduction
+        left them partly reduced)."""
+        for j, p in enumerate(self.params):
+            if self.views and self.holds(j):
+                p.grad = None
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy each parameter's gradient (zeros where it has none; sparse made dense) into the

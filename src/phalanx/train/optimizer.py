@@ -4,8 +4,9 @@ Wraps any `torch.optim.Optimizer`. A post-accumulate-grad hook on every trainabl
 its gradient ready during backward; fusion buckets (`buckets.py`) launch their asynchronous
 reduction strictly in bucket order as soon as every gradient in them is ready, so communication
 overlaps the rest of backward. `step()` launches whatever is left (zeros for parameters without a
-gradient, so unused parameters never hang), waits, writes the reduced gradients back to `p.grad`
-and calls the wrapped optimizer. Because each rank launches every bucket exactly once per step in
+gradient, so unused parameters never hang), waits and calls the wrapped optimizer. By default
+gradients are views into the buckets (DDP's `gradient_as_bucket_view`): the reduction happens in
+place in `p.grad`, and nothing is unpacked afterwards. Because each rank launches every bucket exactly once per step in
 the same order, ranks never issue mismatched collectives, whatever subset of parameters each used.
 """
 
@@ -46,13 +47,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
     bucket is reduced as soon as backward has produced all its gradients; `overlap=False`
     reduces everything after backward (on a 2-core machine with 2 workers the two measured the
     same, within noise).
+
+    With `gradient_as_bucket_view=True` (default) each `p.grad` becomes a view into its bucket
+    at the first reduction and stays one: the reduced gradient is written in place, so there is
+    no unpacking copy. A fresh gradient (after `zero_grad(set_to_none=True)`) is copied in once
+    when its bucket is launched. If a reduction fails (a worker is lost), the gradients of the
+    launched buckets are partly reduced: they are dropped (`p.grad = None`) and the step must be
+    redone from forward/backward, which the elastic loop does. `False` keeps separate gradient
+    tensors (a copy in and a copy out per step) so that `step()` can retry the same gradients.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
                  named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
                  op: str = "avg", compression: str = "none", topk_ratio: float = 0.01,
                  bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, gradient_as_bucket_view: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer={type(optimizer).__name__} is not a "
                               "torch.optim.Optimizer; pass e.g. "
@@ -82,6 +91,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.bucket_cap_mb = bucket_cap_mb
         self.backward_passes_per_step = backward_passes_per_step
         self.overlap = overlap
+        self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
+        self._lost: str | None = None   # why this step's gradients are gone (see synchronize)
         self._compressor: Compressor = make_compressor(compression, topk_ratio)
         if model is not None:
             named_parameters = model.named_parameters()
@@ -174,6 +185,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 "are in flight (backward() ran, step() did not); call step() or synchronize() "
                 "before zero_grad(), or zero_grad() before backward()")
         self._reset_step()
+        self._lost = None
         if self._t_mark is None:
             self._t_mark = time.perf_counter()
         self._opt.zero_grad(set_to_none=set_to_none)
@@ -183,24 +195,44 @@ class DistributedOptimizer(torch.optim.Optimizer):
         into `p.grad`. Idempotent until the next backward; pair with `skip_synchronize()`."""
         if self._synced:
             return
+        if self._lost:
+            raise PhalanxError(self._lost)
         try:
             for b in self._buckets[self._next_launch:]:
                 self._launch(b)
             for _, handle in self._pending:
                 handle.wait()
-        except BaseException:
-            # A failed reduction (e.g. WorkerLost) leaves p.grad untouched, since nothing is
-            # unpacked before every bucket is done: after the group re-forms, synchronize() or
-            # step() reduces the same local gradients again without redoing backward.
-            self._reset_step()
-            self._touched = True
-            self._t_mark = None   # the interrupted step's time is the recovery's, not compute
+        except BaseException as e:
+            self._failed([b for b, _ in self._pending], e)
             raise
         pending, self._pending = self._pending, []
         for bucket, _ in pending:
             assert bucket.buffer is not None
-            bucket.unpack(bucket.buffer[:bucket.numel], bucket.buffer[bucket.numel:])
+            if self.gradient_as_bucket_view:
+                bucket.hand_back(bucket.buffer[bucket.numel:])
+            else:
+                bucket.unpack(bucket.buffer[:bucket.numel], bucket.buffer[bucket.numel:])
         self._synced = True
+
+    def _failed(self, launched: list[Bucket], error: BaseException) -> None:
+        """After a failed reduction (e.g. WorkerLost). With separate gradient tensors p.grad is
+        untouched (nothing is unpacked before every bucket is done), so after the group
+        re-forms step() can reduce the same local gradients again. With bucket views the
+        launched buckets were being reduced in place: their gradients are dropped, and
+        step() refuses until a new backward."""
+        self._reset_step()
+        self._t_mark = None   # the interrupted step's time is the recovery's, not compute
+        if not (self.gradient_as_bucket_view and launched):
+            self._touched = True
+            return
+        for b in launched:
+            b.drop()
+        self._lost = (f"DistributedOptimizer: this step's gradient reduction failed "
+                      f"({type(error).__name__}) while reducing in place "
+                      "(gradient_as_bucket_view=True), so its gradients were partly reduced "
+                      "and have been dropped; redo zero_grad(), forward and backward before "
+                      "step() (the elastic loop does), or pass gradient_as_bucket_view=False "
+                      "to retry a failed step on the same gradients")
 
     @contextlib.contextmanager
     def skip_synchronize(self) -> Iterator[None]:
@@ -217,6 +249,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ConfigError("step(closure=...) is not supported by DistributedOptimizer (the "
                               "closure's backward would bypass gradient reduction); use an "
                               "optimizer without a closure, e.g. SGD or AdamW")
+        if self._lost and not self._touched:
+            raise PhalanxError(self._lost)
         if self._last_was_step and not self._touched:
             raise PhalanxError("step() called twice without a backward() in between; call "
                                "zero_grad() and backward() before each step()")
@@ -303,6 +337,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise PhalanxError("backward() ran after synchronize() and before step(); call "
                                "step() (inside skip_synchronize()) or zero_grad() first")
         self._touched = True
+        self._lost = None
         if self._t_mark is None:
             self._t_mark = time.perf_counter()
         counts = self._counts
@@ -348,6 +383,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for hook in list(self._start_hooks.values()):
                 hook(self)
             self._check_layout()
-        bucket.pack()
+        if self.gradient_as_bucket_view:
+            bucket.adopt()
+        else:
+            bucket.pack()
         self._pending.append((bucket, self._compressor.start(bucket, self.op)))
         self._next_launch = bucket.index + 1

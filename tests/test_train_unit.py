@@ -472,3 +472,28 @@ def test_ranks_with_different_models_get_a_mismatch_naming_the_parameters(
     assert "'0.weight': shape (3, 4) float32 on rank(s) [0]; shape (5, 4) float32 on rank(s) [1]" \
         in msgs[0], msgs[0]
     assert "'2.weight': missing on rank(s) [0]" in msgs[0], msgs[0]
+
+
+def test_cpu_optimizer_steps_with_foreach_kernels(world: Callable[[int], ThreadWorld]) -> None:
+    """Where the user left `foreach` open, the wrapped CPU optimizer takes torch's multi-tensor
+    kernels; an explicit choice, or foreach=False on DistributedOptimizer, is left alone. The
+    result matches plain torch's per-parameter loop."""
+    world(1)
+    x, y = _data(3, 8)
+    for kind in ("sgd", "adamw"):
+        m, ref = _model(), _model()
+        opt = DistributedOptimizer(_opt(kind, m), model=m)
+        assert opt.param_groups[0]["foreach"] is True
+        plain = _opt(kind, ref)
+        plain.param_groups[0]["foreach"] = False
+        for s in range(3):
+            for model, o in ((m, opt), (ref, plain)):
+                o.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[s]), y[s]).backward()
+                o.step()
+        for a, b in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    explicit = torch.optim.SGD(_model().parameters(), lr=0.1, foreach=False)
+    assert DistributedOptimizer(explicit).param_groups[0]["foreach"] is False
+    left = DistributedOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), foreach=False)
+    assert left.param_groups[0]["foreach"] is None

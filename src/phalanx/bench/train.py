@@ -86,7 +86,9 @@ def _worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     model, width = _build(args.model)
     model.to(device)
-    opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    # torch's multi-tensor SGD in every mode (DistributedOptimizer would pick it on CPU by
+    # itself; one process and DDP get it here, so the comparison stays like for like)
+    opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     net: Any = model
     if args.worker in ("phalanx", "phalanx-copy"):
         opt = DistributedOptimizer(opt, model=model,

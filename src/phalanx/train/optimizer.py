@@ -28,6 +28,7 @@ from ..errors import CollectiveMismatch, ConfigError, PhalanxError
 from . import _comm
 from .buckets import Bucket, build_buckets, layout_mismatch
 from .compression import COMPRESSIONS, Compressor, Pending, make_compressor
+from .helpers import prefer_foreach
 
 OPS = REDUCE_OPS
 """Valid values of `DistributedOptimizer(op=...)`."""
@@ -55,13 +56,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
     launched buckets are partly reduced: they are dropped (`p.grad = None`) and the step must be
     redone from forward/backward, which the elastic loop does. `False` keeps separate gradient
     tensors (a copy in and a copy out per step) so that `step()` can retry the same gradients.
+
+    With `foreach=True` (default) a wrapped CPU optimizer that left `foreach` unset steps with
+    torch's multi-tensor kernels (`train.helpers.prefer_foreach`), as it already does on CUDA.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
                  named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
                  op: str = "avg", compression: str = "none", topk_ratio: float = 0.01,
                  bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
-                 overlap: bool = True, gradient_as_bucket_view: bool = True) -> None:
+                 overlap: bool = True, gradient_as_bucket_view: bool = True,
+                 foreach: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer={type(optimizer).__name__} is not a "
                               "torch.optim.Optimizer; pass e.g. "
@@ -94,6 +99,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
         self._lost: str | None = None   # why this step's gradients are gone (see synchronize)
         self._compressor: Compressor = make_compressor(compression, topk_ratio)
+        if foreach:
+            prefer_foreach(optimizer)
         if model is not None:
             named_parameters = model.named_parameters()
         self._names: dict[torch.Tensor, str] = {}

@@ -317,7 +317,8 @@ for k in range(n):
 want[5] -= 1.0
 check("sparse grads", sparse_ok and torch.allclose(emb.weight.detach(), want), f"{emb.weight}")
 
-# names differ: fails on every rank, and the group is still usable
+# names differ: a stall, StallError (a CollectiveMismatch) on every rank after the stall time
+# (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, 2 s here), and the group is still usable
 raises("name mismatch", px.CollectiveMismatch, lambda: hvd.allreduce(x, name=f"n{r}"))
 check("after mismatch", np.array_equal(hvd.allreduce(x, op=hvd.Sum).numpy(),
                                        expect(hvd.Sum, torch.float32)))
@@ -338,7 +339,8 @@ with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("n", [2, 4])
 def test_horovod_api_on_real_processes(job, tmp_path, n) -> None:
-    res = job(SCRIPT, n, script_args=(str(tmp_path),), timeout=140)
+    res = job(SCRIPT, n, script_args=(str(tmp_path),), timeout=140,
+              env={"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "2"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for r in range(n):
         out = json.loads((tmp_path / f"rank{r}.json").read_text())

@@ -75,9 +75,11 @@ class Bucket:
                 present.append(0.0)
                 continue
             present.append(1.0)
-            if g.is_sparse:
-                g = g.to_dense()
-            elif g.data_ptr() == v.data_ptr() and g.shape == v.shape:
+            if g.is_sparse:                  # reduced dense; p.grad stays sparse until hand_back
+                dsts.append(v)
+                srcs.append(g.to_dense())
+                continue
+            if g.data_ptr() == v.data_ptr() and g.shape == v.shape:
                 continue                     # accumulated in place: already in the bucket
             dsts.append(v)
             srcs.append(g)
@@ -91,11 +93,11 @@ class Bucket:
 
     def hand_back(self, presence: torch.Tensor) -> None:
         """After an in-place reduction of adopted gradients: a parameter without a local
-        gradient gets its view if any rank produced one (None stays None otherwise), which is
-        what `unpack` leaves, without copying anything."""
+        gradient gets its view if any rank produced one (None stays None otherwise), and a
+        sparse one its dense view, which is what `unpack` leaves, without copying anything."""
         present = (presence > 0).tolist()
         for p, v, has in zip(self.params, self.views, present):
-            if p.grad is None and has:
+            if (p.grad is None and has) or (p.grad is not None and p.grad.is_sparse):
                 p.grad = v
 
     def drop(self) -> None:

@@ -9,12 +9,17 @@
 Everything named in `__all__` follows Horovod's documented signatures and behaviour, with
 these differences (each module's docstring has the details):
 
-- ranks must issue collectives in the same order: phalanx matches operations by order, not by
-  name as Horovod's negotiation does; a different order or name fails on every rank with
-  `CollectiveMismatch` instead of stalling;
+- operations are matched by name as in Horovod (ranks may submit them in different orders),
+  but negotiated when a result is needed (`synchronize`, `poll`, the synchronous forms,
+  `barrier`, `join`) rather than by a background thread, so `poll()` of a queued operation
+  waits for the other ranks to reach one of these calls; a stall (ranks waiting for
+  operations other ranks never submit) raises `StallError` after
+  HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (default 120) instead of waiting forever (see
+  `handles` and `negotiate`); `DistributedOptimizer` reduces through phalanx directly;
 - only `global_process_set` exists (other sets raise NotImplementedError);
 - `join()` returns the last rank to join, but joined ranks do not serve other ranks'
-  allreduces; broadcast/alltoall/reducescatter `*_async` forms complete before returning;
+  allreduces; broadcast/alltoall/reducescatter run synchronously once negotiated (their
+  `*_async` forms do not overlap with computation);
 - `shutdown()` is soft (the worker stays in its phalanx job until exit), so `init()` works
   again afterwards;
 - `HOROVOD_TIMELINE=FILE` (or `phalanx run --timeline FILE`) writes phalanx's Chrome trace,

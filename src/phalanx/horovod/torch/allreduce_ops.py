@@ -3,7 +3,9 @@
 Out-of-place forms leave the input alone and are differentiable: the gradient of an
 allreduce is the allreduce of the incoming gradient with the same op and scale factors (as
 in Horovod, also for Min, Max and Product). In-place and async forms move data only. Async
-forms return an int handle for `hvd.synchronize()` / `hvd.poll()`.
+forms return an int handle for `hvd.synchronize()` / `hvd.poll()`. Every form is queued and
+matched across ranks by name (see `handles`): dtype, device, shape, op and the scale factors
+must agree between ranks for the same name.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 import torch
 
 from . import handles
+from . import negotiate as N
 from . import reduce as R
-from .basics import require_init
+from .basics import OP_NAMES, require_init
 from .compression import Compression, Compressor
 from .process_sets import ProcessSet, check, global_process_set
 
@@ -42,6 +45,13 @@ def check_tensors(ts: Any, what: str, *, contiguous: bool = False) -> list[torch
     return [check_tensor(t, f"{what}[{i}]", contiguous=contiguous) for i, t in enumerate(ts)]
 
 
+def _sig(t: torch.Tensor | list[torch.Tensor], op: int, pre: float,
+         post: float) -> tuple[tuple[str, Any], ...]:
+    """What ranks must agree on for an allreduce of `t` (a tensor or a grouped list)."""
+    head = N.tensors_sig(t) if isinstance(t, list) else N.tensor_sig(t)
+    return (*head, ("op", OP_NAMES[op]), ("prescale_factor", pre), ("postscale_factor", post))
+
+
 def _prepare(what: str, op: Any, average: bool | None, pre: Any, post: Any,
              process_set: ProcessSet) -> tuple[int, float, float]:
     require_init(what)
@@ -58,7 +68,8 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
     op, pre, post = _prepare("allreduce_async", op, average, prescale_factor, postscale_factor,
                              process_set)
     out = fresh(check_tensor(tensor, "allreduce_async"))
-    return handles.start("allreduce", name, lambda: R.start_allreduce_(out, op, pre, post, name))
+    return handles.start("allreduce", name, lambda: R.start_allreduce_(out, op, pre, post, name),
+                         _sig(out, op, pre, post))
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -69,7 +80,8 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
     op, pre, post = _prepare("allreduce_async_", op, average, prescale_factor, postscale_factor,
                              process_set)
     t = check_tensor(tensor, "allreduce_async_", contiguous=True)
-    return handles.start("allreduce", name, lambda: R.start_allreduce_(t, op, pre, post, name))
+    return handles.start("allreduce", name, lambda: R.start_allreduce_(t, op, pre, post, name),
+                         _sig(t, op, pre, post))
 
 
 def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -89,7 +101,8 @@ class _Allreduce(torch.autograd.Function):
                 post: float) -> torch.Tensor:
         ctx.op, ctx.pre, ctx.post = op, pre, post
         out = fresh(tensor)
-        return handles.run("allreduce", name, lambda: R.start_allreduce_(out, op, pre, post, name))
+        return handles.run("allreduce", name, lambda: R.start_allreduce_(out, op, pre, post, name),
+                           _sig(out, op, pre, post))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -122,7 +135,8 @@ def grouped_allreduce_async(tensors: list[torch.Tensor], average: bool | None = 
                              postscale_factor, process_set)
     outs = [fresh(t) for t in check_tensors(tensors, "grouped_allreduce_async")]
     return handles.start("grouped_allreduce", name,
-                         lambda: R.start_grouped_(outs, op, pre, post, name))
+                         lambda: R.start_grouped_(outs, op, pre, post, name),
+                         _sig(outs, op, pre, post))
 
 
 def grouped_allreduce_async_(tensors: list[torch.Tensor], average: bool | None = None,
@@ -134,7 +148,8 @@ def grouped_allreduce_async_(tensors: list[torch.Tensor], average: bool | None =
                              postscale_factor, process_set)
     ts = check_tensors(tensors, "grouped_allreduce_async_", contiguous=True)
     return handles.start("grouped_allreduce", name,
-                         lambda: R.start_grouped_(ts, op, pre, post, name))
+                         lambda: R.start_grouped_(ts, op, pre, post, name),
+                         _sig(ts, op, pre, post))
 
 
 def grouped_allreduce_(tensors: list[torch.Tensor], average: bool | None = None,
@@ -155,7 +170,8 @@ class _GroupedAllreduce(torch.autograd.Function):
         ctx.op, ctx.pre, ctx.post = op, pre, post
         outs = [fresh(t) for t in tensors]
         return tuple(handles.run("grouped_allreduce", name,
-                                 lambda: R.start_grouped_(outs, op, pre, post, name)))
+                                 lambda: R.start_grouped_(outs, op, pre, post, name),
+                                 _sig(outs, op, pre, post)))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:

@@ -71,7 +71,8 @@ def _wanted_sets(sets: Any) -> list[_ps.ProcessSet]:
 
 
 def shutdown() -> None:
-    """Stop the facade until the next `init()` (in-flight async handles are dropped).
+    """Stop the facade until the next `init()` (handles are forgotten; operations still
+    queued are dropped, never run).
 
     The phalanx worker stays in its job until the process exits (see the module docstring),
     so `init()` after `shutdown()` works in launched jobs too."""

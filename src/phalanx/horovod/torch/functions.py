@@ -6,6 +6,9 @@ cloudpickle, so lambdas and locally defined classes cannot be sent; and
 `broadcast_optimizer_state` sends root's whole state (its structure included), so ranks whose
 optimizer has no state yet simply receive root's, instead of Horovod's zero-gradient step to
 create one (which moves parameters under weight decay).
+
+Like the collectives, these are queued and matched across ranks by name (see `handles`);
+the unnamed ones match by order.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import handles
 from .basics import require_init
 from .process_sets import ProcessSet, check, global_process_set
 
@@ -41,7 +45,9 @@ def broadcast_parameters(params: Any, root_rank: int) -> None:
         if len(item) != 2 or not isinstance(item[1], torch.Tensor):
             raise ValueError(f"broadcast_parameters: entry {i} ({item!r:.80}) is not a tensor "
                              "or a (name, tensor) pair")
-    _px().broadcast_parameters(items, root=root_rank)
+    handles.run("broadcast_parameters", None,
+                lambda: handles.Done(_px().broadcast_parameters(items, root=root_rank)),
+                (("root_rank", root_rank),))
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
@@ -51,7 +57,9 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
     if not hasattr(optimizer, "state_dict") or not hasattr(optimizer, "load_state_dict"):
         raise ValueError(f"broadcast_optimizer_state: optimizer={type(optimizer).__name__} has "
                          "no state_dict()/load_state_dict(); pass a torch optimizer")
-    _px().broadcast_optimizer_state(optimizer, root=root_rank)
+    handles.run("broadcast_optimizer_state", None,
+                lambda: handles.Done(_px().broadcast_optimizer_state(optimizer, root=root_rank)),
+                (("root_rank", root_rank),))
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
@@ -59,7 +67,9 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
     """Root's picklable object on every rank."""
     require_init("broadcast_object")
     check(process_set, "broadcast_object")
-    return _px().broadcast_object(obj, root=root_rank)
+    return handles.run("broadcast_object", name,
+                       lambda: handles.Done(_px().broadcast_object(obj, root=root_rank)),
+                       (("root_rank", root_rank),))
 
 
 def allgather_object(obj: Any, name: str | None = None,
@@ -67,4 +77,5 @@ def allgather_object(obj: Any, name: str | None = None,
     """Every rank's picklable object, as a list in rank order."""
     require_init("allgather_object")
     check(process_set, "allgather_object")
-    return list(_px().allgather_object(obj))
+    return list(handles.run("allgather_object", name,
+                            lambda: handles.Done(_px().allgather_object(obj))))

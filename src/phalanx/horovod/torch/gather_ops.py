@@ -4,8 +4,9 @@ The out-of-place forms are differentiable with Horovod's gradient rules: allgath
 is this rank's slice of the averaged incoming gradient; broadcast's is the averaged gradient on
 the root and zero elsewhere; alltoall's sends the gradient back along the received splits;
 reducescatter's is the allgather of the gradient (times the rank count for Sum, and the scale
-factors). Allgather's async forms overlap; broadcast, alltoall and reducescatter's async forms
-run at once (phalanx has no async form of them yet) and return a finished handle.
+factors). Every operation, barrier and join included, is queued and matched across ranks by
+name (see `handles`). Allgather's async forms overlap; broadcast, alltoall and reducescatter
+run synchronously once negotiated (phalanx has no async form of them yet).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from . import handles
 from . import reduce as R
 from .allreduce_ops import allreduce, check_tensor, check_tensors, fresh
-from .basics import Average, Sum, require_init
+from .basics import OP_NAMES, Average, Sum, require_init
 from .compression import Compression, Compressor
+from .negotiate import tensor_sig, tensors_sig
 from .process_sets import ProcessSet, check, global_process_set
 
 
@@ -40,7 +42,8 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None,
     """Start concatenating every rank's `tensor` along dim 0 (first dims may differ)."""
     _prepare("allgather_async", process_set)
     t = fresh(check_tensor(tensor, "allgather_async"))
-    return handles.start("allgather", name, lambda: _px().allgather_async(t, name=name))
+    return handles.start("allgather", name, lambda: _px().allgather_async(t, name=name),
+                         tensor_sig(t, dim0_free=True))
 
 
 class _Allgather(torch.autograd.Function):
@@ -48,14 +51,15 @@ class _Allgather(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, name: str | None) -> torch.Tensor:
         ctx.shape = tensor.shape
         t = fresh(tensor)
-        return handles.run("allgather", name, lambda: _px().allgather_async(t, name=name))
+        return handles.run("allgather", name, lambda: _px().allgather_async(t, name=name),
+                           tensor_sig(t, dim0_free=True))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         px = _px()
         rows = ctx.shape[0] if len(ctx.shape) else 1
         reduced = allreduce(grad, op=Average)
-        counts = px.allgather(torch.tensor([rows], dtype=torch.int64))
+        counts = allgather(torch.tensor([rows], dtype=torch.int64))
         offset = int(counts[:px.rank()].sum())
         return reduced.narrow(0, offset, rows).reshape(ctx.shape), None
 
@@ -79,7 +83,7 @@ def grouped_allgather_async(tensors: list[torch.Tensor], name: str | None = None
                  for i, t in enumerate(ts)]
         return handles.Chain(inner, lambda outs: outs)
 
-    return handles.start("grouped_allgather", name, make)
+    return handles.start("grouped_allgather", name, make, tensors_sig(ts, dim0_free=True))
 
 
 def grouped_allgather(tensors: list[torch.Tensor], name: str | None = None,
@@ -99,24 +103,30 @@ def _check_root(root_rank: Any, what: str) -> int:
     return root_rank
 
 
+def _bcast_sig(t: torch.Tensor, root: int) -> tuple[tuple[str, Any], ...]:
+    return (*tensor_sig(t), ("root_rank", root))
+
+
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: ProcessSet = global_process_set) -> int:
-    """Root's `tensor` on every rank, as a new tensor (runs at once; see module docstring)."""
+    """Queue broadcasting root's `tensor`; the handle yields a new tensor."""
     _prepare("broadcast_async", process_set)
     root = _check_root(root_rank, "broadcast_async")
     t = fresh(check_tensor(tensor, "broadcast_async"))
     return handles.start("broadcast", name,
-                         lambda: handles.Done(_px().broadcast_(t, root, name=name)))
+                         lambda: handles.Done(_px().broadcast_(t, root, name=name)),
+                         _bcast_sig(t, root))
 
 
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> int:
-    """Overwrite `tensor` with root's on every rank (runs at once; see module docstring)."""
+    """Queue overwriting `tensor` with root's on every rank; the handle yields it."""
     _prepare("broadcast_async_", process_set)
     root = _check_root(root_rank, "broadcast_async_")
     t = check_tensor(tensor, "broadcast_async_")
     return handles.start("broadcast", name,
-                         lambda: handles.Done(_px().broadcast_(t, root, name=name)))
+                         lambda: handles.Done(_px().broadcast_(t, root, name=name)),
+                         _bcast_sig(t, root))
 
 
 def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
@@ -131,7 +141,8 @@ class _Broadcast(torch.autograd.Function):
         ctx.root = root
         t = fresh(tensor)
         return handles.run("broadcast", name,
-                           lambda: handles.Done(_px().broadcast_(t, root, name=name)))
+                           lambda: handles.Done(_px().broadcast_(t, root, name=name)),
+                           _bcast_sig(t, root))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -167,7 +178,7 @@ def _alltoall(t: torch.Tensor, splits: list[int] | None, name: str | None) -> An
 
 def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
                    process_set: ProcessSet = global_process_set) -> int:
-    """Start an alltoall (runs at once); the handle yields (output, received_splits)."""
+    """Queue an alltoall; the handle yields (output, received_splits)."""
     _prepare("alltoall_async", process_set)
     t = fresh(check_tensor(tensor, "alltoall_async"))
     send, dtype = _splits(splits, "alltoall_async"), _splits_dtype(splits)
@@ -176,7 +187,7 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = 
         out, recv = _alltoall(t, send, name)
         return handles.Done((out, torch.tensor(recv, dtype=dtype)))
 
-    return handles.start("alltoall", name, make)
+    return handles.start("alltoall", name, make, tensor_sig(t, dim0_free=True))
 
 
 def _splits_dtype(splits: Any) -> torch.dtype:
@@ -188,7 +199,8 @@ class _Alltoall(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, splits: list[int] | None, dtype: torch.dtype,
                 name: str | None) -> Any:
         t = fresh(tensor)
-        out, recv = handles.run("alltoall", name, lambda: handles.Done(_alltoall(t, splits, name)))
+        out, recv = handles.run("alltoall", name, lambda: handles.Done(_alltoall(t, splits, name)),
+                                tensor_sig(t, dim0_free=True))
         ctx.recv = recv
         if splits is None:
             return out
@@ -229,6 +241,12 @@ def _reducescatter(t: torch.Tensor, op: int, pre: float, post: float,
     return out
 
 
+def _rs_sig(t: torch.Tensor | list[torch.Tensor], op: int, pre: float,
+            post: float) -> tuple[tuple[str, Any], ...]:
+    head = tensors_sig(t) if isinstance(t, list) else tensor_sig(t)
+    return (*head, ("op", OP_NAMES[op]), ("prescale_factor", pre), ("postscale_factor", post))
+
+
 class _Reducescatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, op: int, name: str | None, pre: float,
@@ -236,7 +254,8 @@ class _Reducescatter(torch.autograd.Function):
         ctx.op, ctx.pre, ctx.post = op, pre, post
         t = fresh(tensor)
         return handles.run("reducescatter", name,
-                           lambda: handles.Done(_reducescatter(t, op, pre, post, name)))
+                           lambda: handles.Done(_reducescatter(t, op, pre, post, name)),
+                           _rs_sig(t, op, pre, post))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -261,14 +280,15 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
 def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int = Average,
                         process_set: ProcessSet = global_process_set,
                         prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> int:
-    """`reducescatter`, run at once; the handle yields the result."""
+    """Queue a `reducescatter`; the handle yields the result."""
     _prepare("reducescatter_async", process_set)
     op = _rs_op(op, "reducescatter_async")
     pre = R.check_factor(prescale_factor, "prescale_factor", "reducescatter_async")
     post = R.check_factor(postscale_factor, "postscale_factor", "reducescatter_async")
     t = fresh(check_tensor(tensor, "reducescatter_async"))
     return handles.start("reducescatter", name,
-                         lambda: handles.Done(_reducescatter(t, op, pre, post, name)))
+                         lambda: handles.Done(_reducescatter(t, op, pre, post, name)),
+                         _rs_sig(t, op, pre, post))
 
 
 def grouped_reducescatter(tensors: list[torch.Tensor], name: str | None = None,
@@ -286,19 +306,26 @@ def grouped_reducescatter_async(tensors: list[torch.Tensor], name: str | None = 
                                 op: int = Average, process_set: ProcessSet = global_process_set,
                                 prescale_factor: float = 1.0,
                                 postscale_factor: float = 1.0) -> int:
-    """`grouped_reducescatter`, run at once; the handle yields the list."""
+    """`grouped_reducescatter` as one queued operation; the handle yields the list."""
     _prepare("grouped_reducescatter_async", process_set)
-    outs = grouped_reducescatter(tensors, name, Compression.none, op, process_set,
-                                 prescale_factor, postscale_factor)
-    return handles.start("grouped_reducescatter", name,
-                         lambda: handles.Done([o.detach() for o in outs]))
+    op = _rs_op(op, "grouped_reducescatter_async")
+    pre = R.check_factor(prescale_factor, "prescale_factor", "grouped_reducescatter_async")
+    post = R.check_factor(postscale_factor, "postscale_factor", "grouped_reducescatter_async")
+    ts = [fresh(t) for t in check_tensors(tensors, "grouped_reducescatter_async")]
+
+    def make() -> handles.Waitable:
+        return handles.Done([_reducescatter(t, op, pre, post, f"{name}.{i}" if name else None)
+                             for i, t in enumerate(ts)])
+
+    return handles.start("grouped_reducescatter", name, make, _rs_sig(ts, op, pre, post))
 
 
 # ---------------------------------------------------------------- barrier, join
 def barrier(process_set: ProcessSet = global_process_set) -> None:
-    """Block until every rank reaches the barrier."""
+    """Block until every rank reaches the barrier (operations every rank submitted before it
+    start first, as the barrier is negotiated like them)."""
     _prepare("barrier", process_set)
-    _px().barrier()
+    handles.run("barrier", None, lambda: handles.Done(_px().barrier()))
 
 
 def join(device: int = -1) -> int:
@@ -307,9 +334,13 @@ def join(device: int = -1) -> int:
     Limitation: unlike Horovod, ranks that joined do not stand in (with zeros) for the
     allreduces of ranks still working, so every rank must make the same collective calls
     before join() (a rank that calls one more allreduce fails on every rank with
-    CollectiveMismatch, instead of hanging). "Last" is judged by each rank's wall clock at
+    negotiate.StallError, a CollectiveMismatch, after the stall time, instead of hanging). "Last" is judged by each rank's wall clock at
     its call, so across hosts it is as accurate as their clocks agree."""
     require_init("join")
     arrived = time.time()
-    stamps = _px().allgather_object(arrived)
-    return max(range(len(stamps)), key=lambda r: (stamps[r], r))
+
+    def last() -> handles.Waitable:
+        stamps = _px().allgather_object(arrived)
+        return handles.Done(max(range(len(stamps)), key=lambda r: (stamps[r], r)))
+
+    return int(handles.run("join", None, last))

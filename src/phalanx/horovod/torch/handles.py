@@ -1,30 +1,52 @@
-"""Horovod's integer handles for asynchronous collectives: `poll(handle)`, `synchronize(handle)`.
+"""Horovod's integer handles and its name-matched operations: `poll(handle)`,
+`synchronize(handle)`.
 
-An in-flight operation is keyed by its kind and name, as Horovod keys its tensor queue: a
-second named operation of the same kind and name submitted while the first is still running
-raises ValueError, as Horovod's duplicate-name check does. Results come back from
-`synchronize()` in whatever order it is called; phalanx runs the operations themselves in
-submission order, which must be the same on every rank.
+As in Horovod, ranks may submit operations in different orders: an operation is keyed by its
+kind and name (unnamed ones get ``noname.<n>``, counted per kind in submission order, so
+unnamed operations match by order), queued, and started once every rank has submitted it.
+phalanx has no background coordinator, so ranks agree on what to start (`negotiate`) when a
+result is needed: `synchronize()` of a queued operation, the synchronous forms, `barrier()`,
+`join()` and `poll()` -- so `poll()` of an operation still queued runs one negotiation round,
+which waits for every rank to reach one of these calls. Each round starts every operation
+queued on all ranks, in rank 0's submission order; `synchronize()` loops until its own
+operation has started, then waits for it. Results come back in whatever order
+`synchronize()` is called.
+
+A second operation of the same kind and name submitted while the first is still in flight
+raises ValueError, as Horovod's duplicate-name check does. Operations whose signature differs
+between ranks fail with `negotiate.MismatchError`; ranks that wait for operations other ranks
+never submit fail with `negotiate.StallError` after the stall time. A peer lost during
+negotiation raises WorkerLost (hvd.HorovodInternalError) and fails every queued operation;
+`init()`, `shutdown()` and a re-formed group (a new generation) drop queued operations.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ...errors import WorkerLost
+from . import negotiate
+
+log = logging.getLogger("phalanx.horovod")
+_MAX_PAUSE_S = 0.05
+"""Longest pause between two idle negotiation rounds."""
+
 
 class Waitable(Protocol):
-    """What the table holds: a phalanx Handle or one of the wrappers below."""
+    """What an operation becomes once started: a phalanx Handle or one of the wrappers below."""
 
     def done(self) -> bool: ...
     def wait(self) -> Any: ...
 
 
 class Done:
-    """An operation that already finished (the async forms phalanx runs eagerly)."""
+    """An operation that already finished (those phalanx runs synchronously)."""
 
     def __init__(self, value: Any) -> None:
         self._value = value
@@ -52,42 +74,85 @@ class Chain:
         return self._result[0]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
-    op: Waitable
-    key: tuple[str, str] | None
+    kind: str
+    name: str
+    sig: tuple[Any, ...]
+    make: Callable[[], Waitable] | None
+    generation: int
+    op: Waitable | None = None
+    error: BaseException | None = None
+
+    @property
+    def key(self) -> negotiate.Key:
+        return (self.kind, self.name)
+
+    @property
+    def queued(self) -> bool:
+        return self.make is not None
+
+    def done(self) -> bool:
+        return self.error is not None or (self.op is not None and bool(self.op.done()))
 
 
 _table: dict[int, _Entry] = {}
+_queue: list[_Entry] = []
+_counters: dict[str, itertools.count[int]] = {}
 _ids = itertools.count(1)
 _lock = threading.Lock()
+"""Guards the table, the queue and the counters (held briefly)."""
+_negotiating = threading.Lock()
+"""Held by the one thread of this rank running negotiation rounds."""
+_state: dict[str, Any] = {"generation": None, "idle_since": None, "warned": False}
 
 
-def start(kind: str, name: str | None, make: Callable[[], Waitable]) -> int:
-    """Check that no `kind` operation named `name` is in flight, start one with `make()`
-    and return its handle."""
-    key = (kind, name) if name else None
+def _generation() -> int:
+    import phalanx as px
+    return int(px.generation())
+
+
+def start(kind: str, name: str | None, make: Callable[[], Waitable],
+          sig: tuple[Any, ...] = ()) -> int:
+    """Queue a `kind` operation named `name` (auto-named when None) that `make()` starts once
+    every rank has submitted it; `sig` ((field, value) pairs: dtype, shape...) must agree
+    across ranks. Returns its handle; ValueError if the name is in flight."""
+    gen = _generation()
     with _lock:
-        if key is not None and any(e.key == key and not e.op.done() for e in _table.values()):
+        if _state["generation"] != gen:
+            _drop_queued(None)
+            _state["generation"] = gen
+        if name is None:
+            name = f"noname.{next(_counters.setdefault(kind, itertools.count()))}"
+        elif any(e.kind == kind and e.name == name and not e.done() for e in _table.values()):
             raise ValueError(
                 f"{kind}(name={name!r}): an operation with this name is still in flight; "
                 "synchronize() it first or use a different name (as in Horovod, names of "
                 "in-flight operations must be unique)")
-    op = make()
-    with _lock:
+        entry = _Entry(kind, name, tuple(sig), make, gen)
         handle = next(_ids)
-        _table[handle] = _Entry(op, key)
+        _table[handle] = entry
+        _queue.append(entry)
     return handle
 
 
 def poll(handle: int) -> bool:
-    """True once the operation finished; `synchronize(handle)` then returns without waiting."""
+    """True once the operation finished; `synchronize(handle)` then returns without waiting.
+
+    An operation still queued is negotiated first (one round, a collective: it waits for
+    every rank to reach a poll, synchronize or synchronous operation), unless another thread
+    of this rank is negotiating already."""
     with _lock:
         entry = _table.get(handle)
     if entry is None:
         raise ValueError(f"poll({handle!r}): unknown handle (already synchronized, or from "
                          "before the last hvd.init()); poll a handle an *_async call returned")
-    return bool(entry.op.done())
+    if entry.queued and _negotiating.acquire(blocking=False):
+        try:
+            _round(entry)
+        finally:
+            _negotiating.release()
+    return entry.done()
 
 
 def synchronize(handle: int) -> Any:
@@ -97,18 +162,128 @@ def synchronize(handle: int) -> Any:
     if entry is None:
         return None
     try:
+        if entry.queued:
+            with _negotiating:
+                while entry.queued:
+                    _round(entry)
+        if entry.error is not None:
+            raise entry.error
+        assert entry.op is not None
         return entry.op.wait()
     finally:
         with _lock:
             _table.pop(handle, None)
+            if entry in _queue:  # abandoned by an error: no longer offered to the peers
+                _queue.remove(entry)
+                entry.make = None
 
 
-def run(kind: str, name: str | None, make: Callable[[], Waitable]) -> Any:
-    """Start an operation and wait for it (the synchronous forms)."""
-    return synchronize(start(kind, name, make))
+def run(kind: str, name: str | None, make: Callable[[], Waitable],
+        sig: tuple[Any, ...] = ()) -> Any:
+    """Submit an operation and wait for it (the synchronous forms)."""
+    return synchronize(start(kind, name, make, sig))
 
 
 def reset() -> None:
-    """Forget every handle (init and shutdown); operations in flight still finish."""
+    """Forget every handle and drop queued operations (init and shutdown); operations
+    already started still finish."""
     with _lock:
+        _drop_queued(None)
         _table.clear()
+        _state["generation"] = None
+
+
+# ---------------------------------------------------------------- negotiation
+def _round(target: _Entry) -> None:
+    """One negotiation round while `target` is queued (caller holds `_negotiating`)."""
+    pending = _pending()
+    if target not in pending:
+        return
+    try:
+        plan = negotiate.exchange([(e.kind, e.name, e.sig) for e in pending], target.key,
+                                  _idle_seconds())
+    except WorkerLost as e:
+        with _lock:
+            _drop_queued(e)
+        raise
+    except BaseException:
+        _state["idle_since"], _state["warned"] = None, False
+        raise
+    by_key = {e.key: e for e in pending}
+    for key, error in plan.errors.items():
+        _fail(by_key[key], error)
+    for key in plan.run:
+        _start(by_key[key])
+    if plan.run or plan.errors:
+        _state["idle_since"], _state["warned"] = None, False
+        return
+    if _state["idle_since"] is None:
+        _state["idle_since"] = time.monotonic()
+    if plan.stall is not None:
+        _state["idle_since"], _state["warned"] = None, False
+        _fail(target, negotiate.StallError(plan.stall))
+        raise target.error  # type: ignore[misc]
+    if plan.warning is not None and not _state["warned"]:
+        _state["warned"] = True
+        log.warning("%s", plan.warning)
+    time.sleep(min(_MAX_PAUSE_S, 0.001 + _idle_seconds() / 20))
+
+
+def _pending() -> list[_Entry]:
+    """The queue in submission order, after failing operations of an older generation."""
+    gen = _generation()
+    with _lock:
+        if _state["generation"] != gen:
+            _drop_queued(None)
+            _state["generation"] = gen
+        return list(_queue)
+
+
+def _idle_seconds() -> float:
+    """How long rounds have found nothing to run (0 after a round that ran something)."""
+    since = _state["idle_since"]
+    return 0.0 if since is None else time.monotonic() - since
+
+
+def _start(entry: _Entry) -> None:
+    """Start a negotiated operation; an error other than a lost peer stays with it.
+
+    `entry.make` is cleared only once `entry.op` is set, so another thread synchronizing it
+    meanwhile waits for the negotiation lock instead of finding neither."""
+    with _lock:
+        make = entry.make
+        if entry in _queue:
+            _queue.remove(entry)
+    if make is None:
+        return
+    try:
+        entry.op = make()
+    except WorkerLost as e:
+        entry.error = e
+        with _lock:
+            _drop_queued(e)
+        raise
+    except Exception as e:  # noqa: BLE001 - its own error, for its synchronize() to raise
+        entry.error = e
+    finally:
+        entry.make = None
+
+
+def _fail(entry: _Entry, error: BaseException) -> None:
+    with _lock:
+        entry.error, entry.make = error, None
+        if entry in _queue:
+            _queue.remove(entry)
+
+
+def _drop_queued(error: BaseException | None) -> None:
+    """Fail every queued operation (caller holds `_lock`) and restart the auto names."""
+    for entry in _queue:
+        entry.make = None
+        entry.error = error or WorkerLost(
+            f"{negotiate.show(entry.key)} was dropped before it ran: hvd.init(), "
+            "hvd.shutdown() or a re-formed group (a lost or added worker) cleared the queue; "
+            "submit it again")
+    _queue.clear()
+    _counters.clear()
+    _state["idle_since"], _state["warned"] = None, False

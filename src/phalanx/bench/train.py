@@ -91,7 +91,7 @@ def _worker(args: argparse.Namespace) -> None:
     opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     net: Any = model
     if args.worker in ("phalanx", "phalanx-copy"):
-        opt = DistributedOptimizer(opt, model=model,
+        opt = DistributedOptimizer(opt, model=model, compression=args.compression,
                                    gradient_as_bucket_view=args.worker == "phalanx")
         broadcast_parameters(model.state_dict(), root=0)
     elif args.worker in ("horovod", "horovod-real"):
@@ -184,7 +184,7 @@ def _parse_result(outputs: list[str], what: str) -> dict[str, Any]:
 def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     common = [__file__, "--worker", mode, "--model", model, "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-              "--device", args.device]
+              "--device", args.device, "--compression", args.compression]
     timeout = 600
     if mode in ("phalanx", "phalanx-copy", "horovod"):
         cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *common]
@@ -254,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="train on the CPU (default) or on CUDA: a GPU per worker where there "
                         "are enough (phalanx and DDP use NCCL), else the workers share them and "
                         "reduce through host memory (phalanx) or Gloo (DDP)")
+    p.add_argument("--compression", default="none",
+                   choices=("none", "fp16", "bf16", "1bit", "topk"),
+                   help="phalanx's gradient compression (default none: exact, as DDP)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--plot", metavar="FILE.png", help="draw samples/s and scaling efficiency "
                    "per model (needs matplotlib)")
@@ -329,7 +332,7 @@ def _row(model: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -
     row: dict[str, Any] = {
         "model": model, "params": res["single"]["params"], "device": args.device,
         "tensors": res["single"]["tensors"], "np": args.np, "batch_per_worker": args.batch_size,
-        "stat": args.stat, "repeat": args.repeat,
+        "stat": args.stat, "repeat": args.repeat, "compression": args.compression,
         "single_samples_per_s": one, "ddp_samples_per_s": res["ddp"]["samples_per_s"],
         "phalanx_samples_per_s": px, "phalanx_over_ddp": px / res["ddp"]["samples_per_s"],
         "phalanx_scaling_efficiency": px / (args.np * one),
@@ -351,7 +354,9 @@ def _row(model: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     where = "CPU, one core each" if args.device == "cpu" else _gpu_names()
     print(f"train throughput on {where}, {args.np} workers, batch {args.batch_size}/worker, "
-          f"{args.steps} timed steps, {args.stat} of {args.repeat} (samples/s)")
+          f"{args.steps} timed steps, {args.stat} of {args.repeat} (samples/s)"
+          + (f", phalanx with compression={args.compression}" if args.compression != "none"
+             else ""))
     print(f"{'model':6} {'params':>9} {'tensors':>7} {'1-proc/s':>9} {'DDP/s':>9} "
           f"{'phalanx/s':>9} {'px/DDP':>7} {'eff px':>7} {'eff DDP':>7}")
     for r in rows:

@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(model: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Every mode `repeat` times, interleaved (damps machine noise); per mode the median run
+    """Every mode `repeat` times, interleaved and in a rotated order (damps machine noise and
+    order effects); per mode the median run
     by samples/s (the lower middle one for an even count) or the best, as --stat says."""
     modes = [("single", 1), ("ddp", args.np), ("phalanx", args.np)]
     modes += [("phalanx-copy", args.np)] if args.compare_copy else []
@@ -314,7 +315,7 @@ def _measure(model: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     modes += [("horovod-real", args.np)] if args.real_horovod else []
     runs: dict[str, list[dict[str, Any]]] = {}
     for i in range(args.repeat):
-        for mode, n in modes:
+        for mode, n in modes[i % len(modes):] + modes[:i % len(modes)]:   # no mode always last
             print(f"  {model}: {mode} on {n} worker(s), repeat {i + 1}/{args.repeat}",
                   file=sys.stderr, flush=True)
             runs.setdefault(mode, []).append(_run(mode, model, n, args))

@@ -19,6 +19,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+CHECKS = r'''
+fails, checks = [], [0]
+def check(label, ok, detail=""):
+    checks[0] += 1
+    if not ok:
+        fails.append(f"{label}: {detail}")
+
+def raises(label, exc, fn):
+    try:
+        fn()
+    except exc as e:
+        check(label, True)
+        return str(e)
+    except Exception as e:
+        check(label, False, f"raised {type(e).__name__}: {e}")
+        return ""
+    check(label, False, f"did not raise {exc.__name__}")
+    return ""
+'''
+"""Worker-script preamble for jobs that run many checks and report failures as data:
+`check(label, ok, detail)` and `raises(label, exc, fn)` (the message, or "")."""
+
 
 def _children() -> set[int]:
     try:
@@ -67,14 +89,22 @@ def run_job(tmp_path: Path, script: str, np: int, *launcher_args: str, script_ar
     full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(np), *launcher_args,
            str(path), *script_args]
+    return run_cmd(cmd, tmp_path, timeout, full_env)
+
+
+def run_cmd(cmd: list[str], cwd: Path, timeout: float,
+            env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` in its own session; past `timeout` kill the whole session and fail with what
+    it printed. Never hangs."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=tmp_path, start_new_session=True)
+                            env=env, cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
-        raise AssertionError(f"job did not finish within {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+        raise AssertionError(f"{' '.join(map(str, cmd))} did not finish within {timeout}s\n"
+                             f"stdout:\n{out}\nstderr:\n{err}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

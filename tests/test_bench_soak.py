@@ -5,21 +5,17 @@ sample of every epoch exactly once, every fault survived."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_bench
 
 from phalanx.bench import soak, soak_check
 from phalanx.bench.soak_worker import chain
 from phalanx.elastic.chaos import parse_chaos
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -151,23 +147,8 @@ def test_bad_arguments_are_rejected(argv: list[str], capsys: pytest.CaptureFixtu
 def test_small_soak_loses_nothing(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     out = tmp_path / "soak.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep +
-           os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "phalanx.launch.cli", "bench", "soak", "--faults", "6",
-           "--epochs", "2", "--gap-steps", "3", "5", "--no-baseline", "--json", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
-    try:
-        text, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)     # the benchmark stops its job on SIGTERM
-        try:
-            text, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            text, _ = proc.communicate()
-        pytest.fail(f"phalanx bench soak did not finish in 150s:\n{text}")
-    assert proc.returncode == 0, text
+    text = run_bench(["soak", "--faults", "6", "--epochs", "2", "--gap-steps", "3", "5",
+                      "--no-baseline", "--json", str(out)], tmp_path, timeout=150)
     res = json.loads(out.read_text())
     s = res["soak"]
     assert s["exit_code"] == 0, text

@@ -8,29 +8,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import CHECKS
 
 SCRIPT = r'''
 import json, sys, time
 import numpy as np, torch
 import phalanx as px
 import phalanx.horovod.torch as hvd
-
-fails, checks = [], [0]
-def check(label, ok, detail=""):
-    checks[0] += 1
-    if not ok:
-        fails.append(f"{label}: {detail}")
-
-def raises(label, exc, fn):
-    try:
-        fn()
-    except exc as e:
-        check(label, True)
-        return str(e)
-    except Exception as e:
-        check(label, False, f"raised {type(e).__name__}: {e}")
-        return None
-    check(label, False, f"did not raise {exc.__name__}")
+''' + CHECKS + r'''
 
 hvd.init()
 n, r = hvd.size(), hvd.rank()

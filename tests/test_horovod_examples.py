@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cmd
 from simhosts import simhosts  # noqa: F401 - the fixture
 
 EXAMPLES = REPO / "examples" / "horovod"
@@ -32,19 +32,11 @@ ENV = {**os.environ,
 
 
 def launch(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run `cmd` in its own session; past `timeout` kill the whole session and fail."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, cwd=cwd, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout:.0f}s\n{out[-3000:]}\n"
-                    f"{err[-3000:]}")
+    """Run `cmd` (never hangs, see conftest.run_cmd); it must exit 0."""
+    proc = run_cmd(cmd, cwd, timeout, ENV)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n" \
-                                 f"{out[-3000:]}\n{err[-3000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
 
 
 def phalanx_run(launcher_args: list[str], script: Path, script_args: tuple[str, ...],

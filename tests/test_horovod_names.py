@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import CHECKS
 
 HEAD = r'''
 import json, os, sys, threading, time
@@ -17,24 +18,7 @@ import numpy as np, torch
 import phalanx as px
 import phalanx.horovod.torch as hvd
 from phalanx.horovod.torch.negotiate import MismatchError, StallError
-
-fails, checks = [], [0]
-def check(label, ok, detail=""):
-    checks[0] += 1
-    if not ok:
-        fails.append(f"{label}: {detail}")
-
-def raises(label, exc, fn):
-    try:
-        fn()
-    except exc as e:
-        check(label, True)
-        return str(e)
-    except Exception as e:
-        check(label, False, f"raised {type(e).__name__}: {e}")
-        return ""
-    check(label, False, f"did not raise {exc.__name__}")
-    return ""
+''' + CHECKS + r'''
 
 def done():
     with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:

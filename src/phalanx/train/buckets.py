@@ -53,9 +53,7 @@ class Bucket:
 
     def holds(self, j: int) -> bool:
         """Whether parameter j's gradient already is its view into the buffer."""
-        g, v = self.params[j].grad, self.views[j]
-        return (g is not None and not g.is_sparse and g.data_ptr() == v.data_ptr()
-                and g.shape == v.shape)
+        return _is_view(self.params[j].grad, self.views[j])
 
     def adopt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-copy packing (DDP's `gradient_as_bucket_view`): make every gradient a view into
@@ -79,7 +77,7 @@ class Bucket:
                 dsts.append(v)
                 srcs.append(g.to_dense())
                 continue
-            if g.data_ptr() == v.data_ptr() and g.shape == v.shape:
+            if _is_view(g, v):
                 continue                     # accumulated in place: already in the bucket
             dsts.append(v)
             srcs.append(g)
@@ -145,6 +143,12 @@ class Bucket:
                 p.grad = src.clone()
         if dsts:
             torch._foreach_copy_(dsts, srcs)
+
+
+def _is_view(g: torch.Tensor | None, v: torch.Tensor) -> bool:
+    """Whether gradient `g` is the bucket view `v` (same storage, same shape)."""
+    return (g is not None and not g.is_sparse and g.data_ptr() == v.data_ptr()
+            and g.shape == v.shape)
 
 
 def build_buckets(named_params: list[tuple[str, torch.Tensor]],

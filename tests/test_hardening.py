@@ -4,6 +4,7 @@ half-dead workers fenced, joined workers fenced by their own starter."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def test_losing_every_state_holder_resumes_from_the_checkpoint_and_says_so(tmp_p
               "kill:rank=0,step=120;kill:rank=1,step=120", DEMO, "--epochs", "6",
               "--checkpoint-dir", str(tmp_path / "ckpt"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from checkpoint at step 100" in res.stderr, res.stderr[-3000:]
+    # the last durable checkpoint: step 100, or step 50 when the kills at step 120 land
+    # before the step-100 checkpoint is durable (seen once in a loaded full run)
+    assert re.search(r"resumed from checkpoint at step (100|50)\b", res.stderr), \
+        res.stderr[-3000:]
     assert "final test accuracy" in res.stdout
 
 

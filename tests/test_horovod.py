@@ -170,10 +170,13 @@ def test_process_sets(solo) -> None:
     assert (g.process_set_id, g.size(), g.rank(), g.included(), g.ranks) == (0, 1, 0, True, [0])
     ps = hvd.ProcessSet([1, 0])
     assert ps.ranks == [0, 1] and ps.size() is None and ps.rank() is None
-    with pytest.raises(NotImplementedError, match="whole job"):
+    with pytest.raises(ValueError, match="dynamic"):
         hvd.add_process_set(ps)
-    with pytest.raises(NotImplementedError, match="whole job"):
+    with pytest.raises(ValueError, match="not registered"):
         hvd.broadcast_object(1, process_set=ps)
+    hvd.init(process_sets="dynamic")
+    with pytest.raises(ValueError, match=r"distinct ranks of this job \(0..0\)"):
+        hvd.add_process_set(ps)
     assert not hvd.remove_process_set(g) and not hvd.remove_process_set(ps)
     with pytest.raises(ValueError, match="list of ranks"):
         hvd.ProcessSet("all")

@@ -213,9 +213,8 @@ check("broadcast_optimizer_state", all(s == st[0] for s in st)
 gps = hvd.global_process_set
 check("global set", (gps.size(), gps.rank(), gps.included(), gps.ranks)
       == (n, r, True, list(range(n))))
-raises("add subset", NotImplementedError, lambda: hvd.add_process_set([0]))
-raises("add all", ValueError, lambda: hvd.add_process_set(list(range(n))))
-raises("use subset", NotImplementedError,
+raises("add subset without dynamic", ValueError, lambda: hvd.add_process_set([0]))
+raises("use an unregistered subset", ValueError,
        lambda: hvd.allreduce(x, process_set=hvd.ProcessSet([0])))
 check("remove global", hvd.remove_process_set(gps) is False)
 

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
         "broadcast_", "reducescatter", "alltoall", "barrier", "broadcast_object",
         "allgather_object", "metrics")},
     **{n: "phalanx.runtime" for n in ("init", "shutdown", "is_initialized")},
+    **{n: "phalanx.subgroups" for n in ("new_group", "Subgroup")},
     "Handle": "phalanx.comm.work",
     "Config": "phalanx.config",
     **{n: "phalanx.errors" for n in ("PhalanxError", "WorkerLost", "CollectiveMismatch",
@@ -36,12 +37,13 @@ _SUBMODULES = ("elastic", "data", "train", "comm", "coord", "launch", "observe",
 
 __all__ = [
     "CollectiveMismatch", "Config", "ConfigError", "DistributedOptimizer", "Handle",
-    "PhalanxError", "RendezvousError", "WorkerLost", "allgather", "allgather_async",
+    "PhalanxError", "RendezvousError", "Subgroup", "WorkerLost", "allgather", "allgather_async",
     "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "alltoall", "barrier", "broadcast", "broadcast_", "broadcast_object",
     "broadcast_optimizer_state", "broadcast_parameters", "cross_rank", "cross_size", "data",
     "elastic", "generation", "init",
-    "is_initialized", "local_rank", "local_size", "metrics", "rank", "reducescatter", "shutdown",
+    "is_initialized", "local_rank", "local_size", "metrics", "new_group", "rank",
+    "reducescatter", "shutdown",
     "size",
 ]
 

@@ -1,6 +1,7 @@
 """The public collective API on torch tensors, numpy arrays and Python scalars.
 
-Each function returns the caller's type: a numpy array in, a numpy array out. In-place forms
+Each function returns the caller's type: a numpy array in, a numpy array out. Every
+collective takes `group=` (a `px.new_group` subgroup; None: the whole job). In-place forms
 (trailing underscore) write into the given tensor or array and return it. Python ints are
 reduced exactly: a sum or product past int64 raises instead of wrapping as tensors do.
 """
@@ -19,6 +20,7 @@ from .comm import collectives as C
 from .comm.group import Group
 from .comm.work import Handle
 from .errors import ConfigError
+from .subgroups import Subgroup, resolve, root_in
 
 ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray, float, int, bool, complex)
 
@@ -153,14 +155,15 @@ def _write_back(x: Any, t: torch.Tensor) -> Any:
     return x
 
 
-def allreduce(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> ArrayLike:
+def allreduce(x: ArrayLike, op: str = "sum", *, name: str | None = None,
+              group: Subgroup | None = None) -> ArrayLike:
     """Reduce `x` across ranks (op: sum, avg, min, max, prod); `x` is left unchanged.
 
     A Python int is reduced exactly: a sum or product outside int64 raises ConfigError
     (tensors and arrays wrap around, as torch and numpy do).
     """
     t, kind = _to_tensor(x, "x", "allreduce")
-    g = runtime.current().group
+    g = resolve(group, "allreduce")
     if kind == "int":
         exact = g.run("allreduce", lambda: _allreduce_int(g, int(x), op, name))  # type: ignore[call-overload]
         return exact  # type: ignore[return-value]
@@ -169,13 +172,14 @@ def allreduce(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> Arra
     return _back(done, kind)
 
 
-def allreduce_(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> ArrayLike:
+def allreduce_(x: ArrayLike, op: str = "sum", *, name: str | None = None,
+               group: Subgroup | None = None) -> ArrayLike:
     """Reduce a tensor or array in place across ranks and return it."""
     if not isinstance(x, (torch.Tensor, np.ndarray)):
         raise ConfigError(f"allreduce_: x must be a tensor or array to reduce in place, "
                           f"got {type(x).__name__}; use allreduce() for scalars")
     t, kind = _to_tensor(x, "x", "allreduce_")
-    g = runtime.current().group
+    g = resolve(group, "allreduce_")
     g.run("allreduce", lambda: C.allreduce_(g, t, op, name), _info(g, t, name))
     return _write_back(x, t)
 
@@ -194,10 +198,11 @@ class _Converted(Handle[Any]):
         return self._convert(self._inner.wait(timeout))
 
 
-def allreduce_async(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> Handle[Any]:
+def allreduce_async(x: ArrayLike, op: str = "sum", *, name: str | None = None,
+                    group: Subgroup | None = None) -> Handle[Any]:
     """Start an allreduce of a copy of `x`; `handle.wait()` returns the result."""
     t, kind = _to_tensor(x, "x", "allreduce_async")
-    g = runtime.current().group
+    g = resolve(group, "allreduce_async")
     if kind == "int":
         value = int(x)  # type: ignore[call-overload]
         return g.submit("allreduce", lambda: _allreduce_int(g, value, op, name))
@@ -206,85 +211,94 @@ def allreduce_async(x: ArrayLike, op: str = "sum", *, name: str | None = None) -
     return _Converted(inner, lambda r: _back(r, kind))
 
 
-def allreduce_async_(t: torch.Tensor, op: str = "sum", *, name: str | None = None) -> Handle[torch.Tensor]:
+def allreduce_async_(t: torch.Tensor, op: str = "sum", *, name: str | None = None,
+                     group: Subgroup | None = None) -> Handle[torch.Tensor]:
     """Start an in-place allreduce of a contiguous tensor; `handle.wait()` returns it."""
     if not isinstance(t, torch.Tensor) or not t.is_contiguous():
         raise ConfigError("allreduce_async_: t must be a contiguous torch.Tensor; "
                           "call .contiguous() first or use allreduce_async()")
-    g = runtime.current().group
+    g = resolve(group, "allreduce_async_")
     return g.submit("allreduce", lambda: C.allreduce_(g, t, op, name), _info(g, t, name))
 
 
-def allgather(x: ArrayLike, *, name: str | None = None) -> ArrayLike:
+def allgather(x: ArrayLike, *, name: str | None = None,
+              group: Subgroup | None = None) -> ArrayLike:
     """Concatenate every rank's `x` along dim 0 (first dims may differ between ranks)."""
     t, kind = _to_tensor(x, "x", "allgather")
-    g = runtime.current().group
+    g = resolve(group, "allgather")
     out = g.run("allgather", lambda: C.allgather(g, t, name), _info(g, t, name))
     return _back(out, "torch" if kind not in ("torch", "numpy") else kind)
 
 
-def allgather_async(x: torch.Tensor, *, name: str | None = None) -> Handle[torch.Tensor]:
+def allgather_async(x: torch.Tensor, *, name: str | None = None,
+                    group: Subgroup | None = None) -> Handle[torch.Tensor]:
     """Start an allgather; `handle.wait()` returns the concatenated tensor."""
     t, _ = _to_tensor(x, "x", "allgather_async")
-    g = runtime.current().group
+    g = resolve(group, "allgather_async")
     return g.submit("allgather", lambda: C.allgather(g, t, name), _info(g, t, name))
 
 
-def broadcast(x: ArrayLike, root: int = 0, *, name: str | None = None) -> ArrayLike:
+def broadcast(x: ArrayLike, root: int = 0, *, name: str | None = None,
+              group: Subgroup | None = None) -> ArrayLike:
     """Root's `x` on every rank, as a new tensor or array."""
     t, kind = _to_tensor(x, "x", "broadcast")
     t = t.clone()
-    g = runtime.current().group
-    out = g.run("broadcast", lambda: C.broadcast_(g, t, root, name), _info(g, t, name))
+    g = resolve(group, "broadcast")
+    at = root_in(group, root, "broadcast")
+    out = g.run("broadcast", lambda: C.broadcast_(g, t, at, name), _info(g, t, name))
     return _back(out, kind)
 
 
-def broadcast_(x: ArrayLike, root: int = 0, *, name: str | None = None) -> ArrayLike:
+def broadcast_(x: ArrayLike, root: int = 0, *, name: str | None = None,
+               group: Subgroup | None = None) -> ArrayLike:
     """Overwrite `x` with root's values on every rank and return it."""
     if not isinstance(x, (torch.Tensor, np.ndarray)):
         raise ConfigError(f"broadcast_: x must be a tensor or array, got {type(x).__name__}")
     t, _ = _to_tensor(x, "x", "broadcast_")
-    g = runtime.current().group
-    g.run("broadcast", lambda: C.broadcast_(g, t, root, name), _info(g, t, name))
+    g = resolve(group, "broadcast_")
+    at = root_in(group, root, "broadcast_")
+    g.run("broadcast", lambda: C.broadcast_(g, t, at, name), _info(g, t, name))
     return _write_back(x, t)
 
 
-def reducescatter(x: ArrayLike, op: str = "sum", *, name: str | None = None) -> ArrayLike:
+def reducescatter(x: ArrayLike, op: str = "sum", *, name: str | None = None,
+                  group: Subgroup | None = None) -> ArrayLike:
     """Reduce across ranks and return this rank's slice of dim 0 (torch.tensor_split order)."""
     t, kind = _to_tensor(x, "x", "reducescatter")
-    g = runtime.current().group
+    g = resolve(group, "reducescatter")
     out = g.run("reducescatter", lambda: C.reducescatter(g, t, op, name), _info(g, t, name))
     return _back(out, kind)
 
 
 def alltoall(x: ArrayLike, splits: Sequence[int] | None = None, *, name: str | None = None,
-             return_splits: bool = False) -> Any:
+             return_splits: bool = False, group: Subgroup | None = None) -> Any:
     """Send `splits[j]` rows of `x` to rank j (equal parts by default); return what arrived,
     ordered by source rank, and with `return_splits=True` also how many rows came from each."""
     t, kind = _to_tensor(x, "x", "alltoall")
-    g = runtime.current().group
+    g = resolve(group, "alltoall")
     out, recv = g.run("alltoall", lambda: C.alltoall(g, t, splits, name), _info(g, t, name))
     result = _back(out, kind)
     return (result, recv) if return_splits else result
 
 
-def barrier() -> None:
+def barrier(*, group: Subgroup | None = None) -> None:
     """Block until every rank reaches the barrier."""
-    g = runtime.current().group
+    g = resolve(group, "barrier")
     g.run("barrier", lambda: C.barrier(g))
 
 
-def broadcast_object(obj: Any, root: int = 0) -> Any:
+def broadcast_object(obj: Any, root: int = 0, *, group: Subgroup | None = None) -> Any:
     """Root's picklable object on every rank."""
     rt = runtime.current()
-    g = rt.group
-    return g.run("broadcast_object", lambda: C.broadcast_object(g, obj, root, rt.object_key))
+    g = resolve(group, "broadcast_object")
+    at = root_in(group, root, "broadcast_object")
+    return g.run("broadcast_object", lambda: C.broadcast_object(g, obj, at, rt.object_key))
 
 
-def allgather_object(obj: Any) -> list[Any]:
+def allgather_object(obj: Any, *, group: Subgroup | None = None) -> list[Any]:
     """Every rank's picklable object, as a list in rank order."""
     rt = runtime.current()
-    g = rt.group
+    g = resolve(group, "allgather_object")
     return g.run("allgather_object", lambda: C.allgather_object(g, obj, rt.object_key))
 
 

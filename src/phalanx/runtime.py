@@ -42,6 +42,9 @@ class Runtime:
         self.group: Group
         self.job_step = -1
         """Newest step any worker of the job reported (from the last rendezvous; -1 unknown)."""
+        self.subgroup_members: list[tuple[int, ...]] = []
+        """Member ranks of each subgroup the job made (`px.new_group`), in creation order:
+        every generation rebuilds, in this order, those whose ranks it still has."""
         self.recorder = Recorder(worker=self.worker, timeline_path=env.timeline_path(),
                                  metrics_path=env.get_str(env.METRICS))
         """Timeline events and step metrics of this worker (observe.Recorder)."""
@@ -132,7 +135,17 @@ class Runtime:
         old = self.group
         old.close()
         self.group = self._form(after=old.place.generation)
+        self.open_subgroups()
         return self.group
+
+    def open_subgroups(self) -> None:
+        """Build this generation's subgroups that include this rank, in creation order (on
+        every rank, so members connect in the same order and never wait on each other)."""
+        from .comm.subgroup import open_subgroup
+        place = self.group.place
+        for members in self.subgroup_members:
+            if place.rank in members and max(members) < place.size:
+                open_subgroup(self.group, members)
 
     def report_step(self, step: int) -> None:
         """The State completed `step`: the coordinator hears it with the next heartbeat."""

@@ -89,8 +89,14 @@ class Group:
     def __init__(self, place: Placement, store: dist.Store, config: Config, *, job_id: str,
                  abort_check: Callable[[], str | None] | None = None,
                  status: Callable[[], list[int]] | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None, scope: str = "") -> None:
         self.place = place
+        self.job_id = job_id
+        self.members: tuple[int, ...] | None = None
+        """For a subgroup (`subgroup.open_subgroup`): the job ranks of its members."""
+        self.subgroups: dict[tuple[int, ...], Group] = {}
+        """This generation's subgroups this rank belongs to, by member ranks."""
+        self._scope = scope
         self.recorder = recorder
         self.config = config
         self._store = store
@@ -165,7 +171,8 @@ class Group:
         """A store for another process group of this generation, keys under `scope`."""
         from .store import CoordStore
         if isinstance(self._store, CoordStore):
-            return CoordStore(self._store._client, f"g{self.place.generation}/{scope}",
+            return CoordStore(self._store._client,
+                              f"g{self.place.generation}/{self._scope}{scope}",
                               timeout=self._store._timeout_s,
                               abort_check=self._store._abort_check)
         return dist.PrefixStore(scope, self._store)
@@ -195,7 +202,10 @@ class Group:
         return shm
 
     def close(self) -> None:
-        """Release the executor, the shared segment and the process groups."""
+        """Release the subgroups, the executor, the shared segment and the process groups."""
+        for sub in self.subgroups.values():
+            sub.close()
+        self.subgroups = {}
         self._exec.close()
         if self.shm is not None:
             self.shm.unlink()
@@ -245,7 +255,9 @@ class Group:
             lost = self._lost_ranks() if self._lost_ranks else []
             who = f"rank(s) {lost}" if lost else "a peer"
             self.broken = f"{who} failed during {what}"
-            raise WorkerLost(f"{what} failed on rank {self.place.rank}: {who} of generation "
+            me = self.place.rank if self.members is None else (
+                f"{self.members[self.place.rank]} (in the subgroup of ranks {list(self.members)})")
+            raise WorkerLost(f"{what} failed on rank {me}: {who} of generation "
                              f"{self.place.generation} died, stopped or was cut off ({e})",
                              lost_ranks=lost, generation=self.place.generation) from e
         finally:

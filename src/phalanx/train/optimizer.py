@@ -380,7 +380,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                   for n, p in zip(b.names, b.params)]
         digests = _comm.allgather_object(hashlib.sha256(repr(layout).encode()).hexdigest())
         self._checked_generation = gen
-        if len(set(digests)) > 1:
+        # None comes from a rank that joined (the Horovod facade's hvd.join) and stands in
+        if len({d for d in digests if d is not None}) > 1:
             raise CollectiveMismatch(layout_mismatch(_comm.allgather_object(layout)))
 
     def _launch(self, bucket: Bucket) -> None:

@@ -16,9 +16,10 @@ these differences (each module's docstring has the details):
   operations other ranks never submit) raises `StallError` after
   HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (default 120) instead of waiting forever (see
   `handles` and `negotiate`); `DistributedOptimizer` reduces through phalanx directly;
-- only `global_process_set` exists (other sets raise NotImplementedError);
-- `join()` returns the last rank to join, but joined ranks do not serve other ranks'
-  allreduces; broadcast/alltoall/reducescatter run synchronously once negotiated (their
+- process sets run on phalanx subgroups; `DistributedOptimizer` takes the global set only
+  (see `process_sets`);
+- `join()` stands in for allreduces and DistributedOptimizer steps, as Horovod's does (see
+  `joining`); broadcast/alltoall/reducescatter run synchronously once negotiated (their
   `*_async` forms do not overlap with computation);
 - `shutdown()` is soft (the worker stays in its phalanx job until exit), so `init()` works
   again afterwards;

@@ -19,7 +19,7 @@ from . import negotiate as N
 from . import reduce as R
 from .basics import OP_NAMES, require_init
 from .compression import Compression, Compressor
-from .process_sets import ProcessSet, check, global_process_set
+from .process_sets import ProcessSet, check, global_process_set, set_of
 
 
 def fresh(t: torch.Tensor) -> torch.Tensor:
@@ -53,11 +53,11 @@ def _sig(t: torch.Tensor | list[torch.Tensor], op: int, pre: float,
 
 
 def _prepare(what: str, op: Any, average: bool | None, pre: Any, post: Any,
-             process_set: ProcessSet) -> tuple[int, float, float]:
+             process_set: ProcessSet) -> tuple[int, float, float, Any]:
     require_init(what)
-    check(process_set, what)
+    comm = check(process_set, what)
     return (R.resolve_op(op, average, what), R.check_factor(pre, "prescale_factor", what),
-            R.check_factor(post, "postscale_factor", what))
+            R.check_factor(post, "postscale_factor", what), comm)
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -65,11 +65,12 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     postscale_factor: float = 1.0,
                     process_set: ProcessSet = global_process_set) -> int:
     """Start reducing a copy of `tensor`; `synchronize(handle)` returns the result."""
-    op, pre, post = _prepare("allreduce_async", op, average, prescale_factor, postscale_factor,
-                             process_set)
+    op, pre, post, comm = _prepare("allreduce_async", op, average, prescale_factor,
+                                   postscale_factor, process_set)
     out = fresh(check_tensor(tensor, "allreduce_async"))
-    return handles.start("allreduce", name, lambda: R.start_allreduce_(out, op, pre, post, name),
-                         _sig(out, op, pre, post))
+    return handles.start("allreduce", name,
+                         lambda: R.start_allreduce_(out, op, pre, post, name, comm),
+                         _sig(out, op, pre, post), comm)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -77,11 +78,12 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      postscale_factor: float = 1.0,
                      process_set: ProcessSet = global_process_set) -> int:
     """Start reducing contiguous `tensor` in place; `synchronize(handle)` returns it."""
-    op, pre, post = _prepare("allreduce_async_", op, average, prescale_factor, postscale_factor,
-                             process_set)
+    op, pre, post, comm = _prepare("allreduce_async_", op, average, prescale_factor,
+                                   postscale_factor, process_set)
     t = check_tensor(tensor, "allreduce_async_", contiguous=True)
-    return handles.start("allreduce", name, lambda: R.start_allreduce_(t, op, pre, post, name),
-                         _sig(t, op, pre, post))
+    return handles.start("allreduce", name,
+                         lambda: R.start_allreduce_(t, op, pre, post, name, comm),
+                         _sig(t, op, pre, post), comm)
 
 
 def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -98,16 +100,17 @@ class _Allreduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, op: int, name: str | None, pre: float,
-                post: float) -> torch.Tensor:
-        ctx.op, ctx.pre, ctx.post = op, pre, post
+                post: float, comm: Any) -> torch.Tensor:
+        ctx.op, ctx.pre, ctx.post, ctx.comm = op, pre, post, comm
         out = fresh(tensor)
-        return handles.run("allreduce", name, lambda: R.start_allreduce_(out, op, pre, post, name),
-                           _sig(out, op, pre, post))
+        return handles.run("allreduce", name,
+                           lambda: R.start_allreduce_(out, op, pre, post, name, comm),
+                           _sig(out, op, pre, post), comm)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        return (allreduce(grad, op=ctx.op, prescale_factor=ctx.pre, postscale_factor=ctx.post),
-                None, None, None, None)
+        return (allreduce(grad, op=ctx.op, prescale_factor=ctx.pre, postscale_factor=ctx.post,
+                          process_set=set_of(ctx.comm)), None, None, None, None, None)
 
 
 def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -118,10 +121,10 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
 
     `average=` is the deprecated spelling of `op=` (both: ValueError). `compression` wraps the
     reduction (`Compression.fp16` sends float16)."""
-    op, pre, post = _prepare("allreduce", op, average, prescale_factor, postscale_factor,
-                             process_set)
+    op, pre, post, comm = _prepare("allreduce", op, average, prescale_factor, postscale_factor,
+                                   process_set)
     compressed, cctx = compression.compress(check_tensor(tensor, "allreduce"))
-    out = _Allreduce.apply(compressed, op, name, pre, post)
+    out = _Allreduce.apply(compressed, op, name, pre, post, comm)
     return compression.decompress(out, cctx)
 
 
@@ -131,12 +134,12 @@ def grouped_allreduce_async(tensors: list[torch.Tensor], average: bool | None = 
                             prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                             process_set: ProcessSet = global_process_set) -> int:
     """Start reducing copies of `tensors` as one fused operation; the handle yields a list."""
-    op, pre, post = _prepare("grouped_allreduce_async", op, average, prescale_factor,
-                             postscale_factor, process_set)
+    op, pre, post, comm = _prepare("grouped_allreduce_async", op, average, prescale_factor,
+                                   postscale_factor, process_set)
     outs = [fresh(t) for t in check_tensors(tensors, "grouped_allreduce_async")]
     return handles.start("grouped_allreduce", name,
-                         lambda: R.start_grouped_(outs, op, pre, post, name),
-                         _sig(outs, op, pre, post))
+                         lambda: R.start_grouped_(outs, op, pre, post, name, comm),
+                         _sig(outs, op, pre, post), comm)
 
 
 def grouped_allreduce_async_(tensors: list[torch.Tensor], average: bool | None = None,
@@ -144,12 +147,12 @@ def grouped_allreduce_async_(tensors: list[torch.Tensor], average: bool | None =
                              prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                              process_set: ProcessSet = global_process_set) -> int:
     """Start reducing contiguous `tensors` in place; the handle yields the same list."""
-    op, pre, post = _prepare("grouped_allreduce_async_", op, average, prescale_factor,
-                             postscale_factor, process_set)
+    op, pre, post, comm = _prepare("grouped_allreduce_async_", op, average, prescale_factor,
+                                   postscale_factor, process_set)
     ts = check_tensors(tensors, "grouped_allreduce_async_", contiguous=True)
     return handles.start("grouped_allreduce", name,
-                         lambda: R.start_grouped_(ts, op, pre, post, name),
-                         _sig(ts, op, pre, post))
+                         lambda: R.start_grouped_(ts, op, pre, post, name, comm),
+                         _sig(ts, op, pre, post), comm)
 
 
 def grouped_allreduce_(tensors: list[torch.Tensor], average: bool | None = None,
@@ -165,19 +168,19 @@ class _GroupedAllreduce(torch.autograd.Function):
     """grouped_allreduce whose backward is the grouped allreduce of the gradients."""
 
     @staticmethod
-    def forward(ctx: Any, op: int, name: str | None, pre: float, post: float,
+    def forward(ctx: Any, op: int, name: str | None, pre: float, post: float, comm: Any,
                 *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.op, ctx.pre, ctx.post = op, pre, post
+        ctx.op, ctx.pre, ctx.post, ctx.comm = op, pre, post, comm
         outs = [fresh(t) for t in tensors]
         return tuple(handles.run("grouped_allreduce", name,
-                                 lambda: R.start_grouped_(outs, op, pre, post, name),
-                                 _sig(outs, op, pre, post)))
+                                 lambda: R.start_grouped_(outs, op, pre, post, name, comm),
+                                 _sig(outs, op, pre, post), comm))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         reduced = grouped_allreduce(list(grads), op=ctx.op, prescale_factor=ctx.pre,
-                                    postscale_factor=ctx.post)
-        return (None, None, None, None, *reduced)
+                                    postscale_factor=ctx.post, process_set=set_of(ctx.comm))
+        return (None, None, None, None, None, *reduced)
 
 
 def grouped_allreduce(tensors: list[torch.Tensor], average: bool | None = None,
@@ -187,8 +190,8 @@ def grouped_allreduce(tensors: list[torch.Tensor], average: bool | None = None,
                       postscale_factor: float = 1.0,
                       process_set: ProcessSet = global_process_set) -> list[torch.Tensor]:
     """Reduce every tensor of the list as one fused operation; differentiable."""
-    op, pre, post = _prepare("grouped_allreduce", op, average, prescale_factor,
-                             postscale_factor, process_set)
+    op, pre, post, comm = _prepare("grouped_allreduce", op, average, prescale_factor,
+                                   postscale_factor, process_set)
     pairs = [compression.compress(t) for t in check_tensors(tensors, "grouped_allreduce")]
-    outs = _GroupedAllreduce.apply(op, name, pre, post, *(c for c, _ in pairs))
+    outs = _GroupedAllreduce.apply(op, name, pre, post, comm, *(c for c, _ in pairs))
     return [compression.decompress(o, cctx) for o, (_, cctx) in zip(outs, pairs)]

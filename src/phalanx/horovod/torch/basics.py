@@ -54,8 +54,10 @@ def init(comm: Sequence[int] | None = None, process_sets: Any = None) -> None:
         raise NotImplementedError(
             f"init(comm={list(comm)}): running on a subset of the job's {n} ranks is not "
             "supported; start only the workers you need (phalanx run -np K) and pass comm=None")
-    _ps.setup(n, _wanted_sets(process_sets))
     handles.reset()
+    dynamic = (isinstance(process_sets, str) and process_sets.lower() == "dynamic") or \
+        os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS", "") not in ("", "0")
+    _ps.setup(n, _wanted_sets(process_sets), dynamic)
     # Scripts (and their child processes) read these as they would under horovodrun.
     os.environ.update(env.horovod_vars(px.rank(), n, px.local_rank(), px.local_size()))
     _initialized = True

@@ -66,16 +66,16 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
     """Root's picklable object on every rank."""
     require_init("broadcast_object")
-    check(process_set, "broadcast_object")
+    comm = check(process_set, "broadcast_object")
     return handles.run("broadcast_object", name,
-                       lambda: handles.Done(_px().broadcast_object(obj, root=root_rank)),
-                       (("root_rank", root_rank),))
+                       lambda: handles.Done(comm.broadcast_object(obj, root=root_rank)),
+                       (("root_rank", root_rank),), comm)
 
 
 def allgather_object(obj: Any, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> list[Any]:
     """Every rank's picklable object, as a list in rank order."""
     require_init("allgather_object")
-    check(process_set, "allgather_object")
+    comm = check(process_set, "allgather_object")
     return list(handles.run("allgather_object", name,
-                            lambda: handles.Done(_px().allgather_object(obj))))
+                            lambda: handles.Done(comm.allgather_object(obj)), (), comm))

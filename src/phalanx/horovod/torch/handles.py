@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from ...errors import WorkerLost
 from . import negotiate
+from .process_sets import set_id
 
 log = logging.getLogger("phalanx.horovod")
 _MAX_PAUSE_S = 0.05
@@ -81,6 +82,10 @@ class _Entry:
     sig: tuple[Any, ...]
     make: Callable[[], Waitable] | None
     generation: int
+    comm: Any = None
+    """Where it runs (`process_sets.check`; None: the whole job)."""
+    pset: int = 0
+    """Its process set id: operations are matched by name within a set."""
     op: Waitable | None = None
     error: BaseException | None = None
 
@@ -98,7 +103,7 @@ class _Entry:
 
 _table: dict[int, _Entry] = {}
 _queue: list[_Entry] = []
-_counters: dict[str, itertools.count[int]] = {}
+_counters: dict[tuple[int, str], itertools.count[int]] = {}
 _ids = itertools.count(1)
 _lock = threading.Lock()
 """Guards the table, the queue and the counters (held briefly)."""
@@ -113,23 +118,26 @@ def _generation() -> int:
 
 
 def start(kind: str, name: str | None, make: Callable[[], Waitable],
-          sig: tuple[Any, ...] = ()) -> int:
+          sig: tuple[Any, ...] = (), comm: Any = None) -> int:
     """Queue a `kind` operation named `name` (auto-named when None) that `make()` starts once
-    every rank has submitted it; `sig` ((field, value) pairs: dtype, shape...) must agree
-    across ranks. Returns its handle; ValueError if the name is in flight."""
+    every rank of its process set (`comm`, from `process_sets.check`; None: the whole job) has
+    submitted it; `sig` ((field, value) pairs: dtype, shape...) must agree across ranks.
+    Returns its handle; ValueError if the name is in flight in that set."""
     gen = _generation()
+    pset = set_id(comm) if comm is not None else 0
     with _lock:
         if _state["generation"] != gen:
             _drop_queued(None)
             _state["generation"] = gen
         if name is None:
-            name = f"noname.{next(_counters.setdefault(kind, itertools.count()))}"
-        elif any(e.kind == kind and e.name == name and not e.done() for e in _table.values()):
+            name = f"noname.{next(_counters.setdefault((pset, kind), itertools.count()))}"
+        elif any(e.kind == kind and e.name == name and e.pset == pset and not e.done()
+                 for e in _table.values()):
             raise ValueError(
                 f"{kind}(name={name!r}): an operation with this name is still in flight; "
                 "synchronize() it first or use a different name (as in Horovod, names of "
                 "in-flight operations must be unique)")
-        entry = _Entry(kind, name, tuple(sig), make, gen)
+        entry = _Entry(kind, name, tuple(sig), make, gen, comm, pset)
         handle = next(_ids)
         _table[handle] = entry
         _queue.append(entry)
@@ -179,9 +187,24 @@ def synchronize(handle: int) -> Any:
 
 
 def run(kind: str, name: str | None, make: Callable[[], Waitable],
-        sig: tuple[Any, ...] = ()) -> Any:
+        sig: tuple[Any, ...] = (), comm: Any = None) -> Any:
     """Submit an operation and wait for it (the synchronous forms)."""
-    return synchronize(start(kind, name, make, sig))
+    return synchronize(start(kind, name, make, sig, comm))
+
+
+def join(make: Callable[[], Waitable],
+         stand_in: Callable[[negotiate.Key, tuple[Any, ...]], None]) -> Any:
+    """Queue `negotiate.JOIN` and negotiate until every rank has joined; meanwhile this rank
+    runs `stand_in(key, sig)` for each operation the others run without it. Returns what
+    `make()` (run once all joined) yields."""
+    _state["stand_in"] = stand_in
+    try:
+        result = run(*negotiate.JOIN, make)
+    finally:
+        _state["stand_in"] = None
+    with _lock:   # every rank is here: restart the auto names so unnamed ops match again
+        _counters.clear()
+    return result
 
 
 def reset() -> None:
@@ -196,12 +219,12 @@ def reset() -> None:
 # ---------------------------------------------------------------- negotiation
 def _round(target: _Entry) -> None:
     """One negotiation round while `target` is queued (caller holds `_negotiating`)."""
-    pending = _pending()
+    pending = [e for e in _pending() if e.pset == target.pset]
     if target not in pending:
         return
     try:
         plan = negotiate.exchange([(e.kind, e.name, e.sig) for e in pending], target.key,
-                                  _idle_seconds())
+                                  _idle_seconds(), target.comm)
     except WorkerLost as e:
         with _lock:
             _drop_queued(e)
@@ -211,9 +234,13 @@ def _round(target: _Entry) -> None:
         raise
     by_key = {e.key: e for e in pending}
     for key, error in plan.errors.items():
-        _fail(by_key[key], error)
+        if key in by_key:
+            _fail(by_key[key], error)
     for key in plan.run:
-        _start(by_key[key])
+        if key in by_key:
+            _start(by_key[key])
+        else:
+            _stand_in(key, plan.sigs[key])
     if plan.run or plan.errors:
         _state["idle_since"], _state["warned"] = None, False
         return
@@ -267,6 +294,20 @@ def _start(entry: _Entry) -> None:
         entry.error = e
     finally:
         entry.make = None
+
+
+def _stand_in(key: negotiate.Key, sig: tuple[Any, ...]) -> None:
+    """This rank joined and lacks `key`: take part with zeros (see `standin`)."""
+    stand_in = _state.get("stand_in")
+    if stand_in is None:   # only a joined rank lacks an operation that runs
+        raise RuntimeError(f"{negotiate.show(key)} was scheduled on a rank that neither "
+                           "submitted it nor joined (a phalanx bug; please report it)")
+    try:
+        stand_in(key, sig)
+    except WorkerLost as e:
+        with _lock:
+            _drop_queued(e)
+        raise
 
 
 def _fail(entry: _Entry, error: BaseException) -> None:

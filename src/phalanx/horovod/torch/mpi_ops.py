@@ -18,8 +18,9 @@ from .compression import Compression
 from .gather_ops import (allgather, allgather_async, alltoall, alltoall_async, barrier, broadcast,
                          broadcast_, broadcast_async, broadcast_async_, grouped_allgather,
                          grouped_allgather_async, grouped_reducescatter,
-                         grouped_reducescatter_async, join, reducescatter, reducescatter_async)
+                         grouped_reducescatter_async, reducescatter, reducescatter_async)
 from .handles import poll, synchronize
+from .joining import join
 from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
 
 __all__ = [

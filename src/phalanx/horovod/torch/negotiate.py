@@ -10,7 +10,12 @@ a result (`synchronize`, `poll`, the synchronous forms; see `handles`). A round 
 2. otherwise every rank's queue is exchanged (`allgather_object`) and the operations queued
    on every rank run in rank 0's submission order; an operation whose signature (dtype,
    shape, op, root...) differs between ranks fails with `MismatchError` instead;
-3. a round where nothing is common to every rank is idle. After
+3. ranks that called `join()` (their queue holds `JOIN`) stand in for the others: an
+   operation queued on every rank still working runs, and a joined rank that lacks it
+   takes part with zeros of the signature it was sent (allreduces and DistributedOptimizer
+   steps, as in Horovod; other kinds fail with `JoinedError` on the ranks that submitted
+   them). `join()` itself runs once every rank has joined;
+4. a round where nothing is common to every rank is idle. After
    HOROVOD_STALL_CHECK_TIME_SECONDS (default 60) of idle rounds a warning names the missing
    operations; after HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (default 120; the smallest value
    of any rank counts) every rank raises `StallError` naming, per rank, what is missing.
@@ -41,6 +46,12 @@ _LISTED = 8
 """How many missing operations a message lists per rank."""
 
 Key = tuple[str, str]
+JOIN: Key = ("join", "join")
+"""The operation `hvd.join()` queues: its rank has joined."""
+STAND_IN_KINDS = ("allreduce", "grouped_allreduce", "optimizer")
+"""Kinds a joined rank takes part in with zeros (Horovod: allreduces only)."""
+STAND_IN_COMPRESSIONS = ("none", "fp16", "bf16")
+"""DistributedOptimizer compressions whose reduction a joined rank can mirror."""
 Desc = tuple[str, str, tuple[Any, ...]]
 """(kind, name, signature) of a queued operation; the signature is ((field, value), ...)."""
 
@@ -48,6 +59,11 @@ Desc = tuple[str, str, tuple[Any, ...]]
 class MismatchError(CollectiveMismatch):
     """Ranks submitted an operation of the same kind and name with different dtype, shape,
     op, root... (Horovod's coordinator reports these as "Mismatched ...")."""
+
+
+class JoinedError(CollectiveMismatch):
+    """An operation other than an allreduce was submitted while some rank had joined: joined
+    ranks stand in only for allreduces (Horovod raises "... is not supported with Join")."""
 
 
 class StallError(CollectiveMismatch):
@@ -77,6 +93,9 @@ class Plan:
 
     run: list[Key] = field(default_factory=list)
     """Operations to start now, in this order."""
+    sigs: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
+    """The signature of each operation in `run` (a joined rank that lacks one stands in
+    with zeros of this shape)."""
     errors: dict[Key, Exception] = field(default_factory=dict)
     """Operations that fail instead (mismatched signatures)."""
     stall: str | None = None
@@ -91,18 +110,20 @@ def digest(descs: Sequence[Desc]) -> tuple[int, int]:
     return int.from_bytes(h[:8], "little") & _MASK, int.from_bytes(h[8:], "little") & _MASK
 
 
-def all_same(descs: Sequence[Desc]) -> bool:
-    """True when every rank's queue is `descs` exactly (one small allreduce)."""
-    import phalanx as px
+def all_same(descs: Sequence[Desc], px: Any) -> bool:
+    """True when every rank's queue is `descs` exactly (one small allreduce over `px`)."""
     a, b = digest(descs)
     top = px.allreduce(torch.tensor([a, b, -a, -b], dtype=torch.int64), op="max").tolist()
     return top[0] == -top[2] and top[1] == -top[3]
 
 
-def exchange(descs: list[Desc], target: Key, idle_s: float) -> Plan:
-    """One negotiation round (a collective: every rank with a queued operation calls it)."""
-    import phalanx as px
-    if px.size() == 1 or all_same(descs):
+def exchange(descs: list[Desc], target: Key, idle_s: float, comm: Any = None) -> Plan:
+    """One negotiation round (a collective over `comm`, a process set's communicator; None:
+    the whole job): every rank with a queued operation calls it."""
+    if comm is None:
+        import phalanx as comm
+    px = comm
+    if px.size() == 1 or all_same(descs, px):
         return Plan(run=[(k, n) for k, n, _ in descs])
     warn, limit = stall_limits()
     infos = px.allgather_object({"ops": descs, "target": target, "idle": idle_s,
@@ -122,23 +143,51 @@ def exchange(descs: list[Desc], target: Key, idle_s: float) -> Plan:
 
 
 def decide(queues: Sequence[Sequence[Desc]]) -> Plan:
-    """Which operations run (those queued on every rank, in rank 0's order) and which fail
-    (those whose signature differs between ranks). Pure: every rank computes the same."""
+    """Which operations run and which fail. Pure: every rank computes the same.
+
+    An operation runs when every rank that has not joined queued it (in the first such rank's
+    order) and the signatures agree; it fails when they differ, or when joined ranks lack it
+    and cannot stand in for its kind. `JOIN` runs once every rank has joined."""
     sigs = [{(k, n): s for k, n, s in q} for q in queues]
+    working = [r for r, s in enumerate(sigs) if JOIN not in s]
+    lead = working[0] if working else 0
     plan = Plan()
-    for kind, name, _ in queues[0]:
+    for kind, name, _ in queues[lead]:
         key = (kind, name)
-        if all(key in s for s in sigs):
-            error = mismatch(key, [s[key] for s in sigs])
-            if error is None:
-                plan.run.append(key)
-            else:
-                plan.errors[key] = error
+        if key == JOIN or any(key not in sigs[r] for r in working):
+            continue
+        holders = [r for r, s in enumerate(sigs) if key in s]
+        error: CollectiveMismatch | None = mismatch(key, [sigs[r][key] for r in holders],
+                                                    holders)
+        absent = [r for r in range(len(sigs)) if r not in holders]
+        if error is None and absent and not can_stand_in(kind, sigs[lead][key]):
+            error = JoinedError(
+                f"{show(key)} cannot run while {_ranks(absent)} {'has' if len(absent) == 1 else 'have'} "
+                "joined: joined ranks stand in (with zeros) only for allreduces, grouped "
+                "allreduces and DistributedOptimizer steps without 1-bit/top-k compression, as "
+                "in Horovod; submit it before hvd.join() on every rank")
+        if error is None:
+            plan.run.append(key)
+            plan.sigs[key] = sigs[lead][key]
+        else:
+            plan.errors[key] = error
+    if not working:
+        plan.run.append(JOIN)
+        plan.sigs[JOIN] = ()
     return plan
 
 
-def mismatch(key: Key, sigs: Sequence[tuple[Any, ...]]) -> MismatchError | None:
-    """MismatchError naming the first signature field that differs between ranks, or None."""
+def can_stand_in(kind: str, sig: tuple[Any, ...]) -> bool:
+    """Whether a joined rank can take part in this operation with zeros."""
+    if kind not in STAND_IN_KINDS:
+        return False
+    return kind != "optimizer" or dict(sig).get("compression") in STAND_IN_COMPRESSIONS
+
+
+def mismatch(key: Key, sigs: Sequence[tuple[Any, ...]],
+             ranks: Sequence[int] | None = None) -> MismatchError | None:
+    """MismatchError naming the first signature field that differs between ranks (`ranks[i]`
+    submitted `sigs[i]`; by default rank i), or None."""
     if all(s == sigs[0] for s in sigs):
         return None
     fields = [dict(s) for s in sigs]
@@ -147,7 +196,7 @@ def mismatch(key: Key, sigs: Sequence[tuple[Any, ...]]) -> MismatchError | None:
         if any(v != values[0] for v in values):
             break
     groups: dict[str, list[int]] = {}
-    for r, v in enumerate(values):
+    for r, v in zip(ranks if ranks is not None else range(len(values)), values):
         groups.setdefault(repr(v), []).append(r)
     seen = "; ".join(f"{_ranks(rs)}: {v}" for v, rs in groups.items())
     return MismatchError(f"Mismatched {show(key)}: the {f} differs between ranks ({seen}); "

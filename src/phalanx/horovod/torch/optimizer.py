@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ...train.optimizer import DistributedOptimizer as _PxOptimizer
+from . import handles
 from .basics import OP_NAMES, Adasum, Average, Max, Min, Product, Sum, require_init, size
 from .compression import Compression, Compressor
 from .process_sets import ProcessSet, check, global_process_set
@@ -77,6 +78,19 @@ class HorovodDistributedOptimizer(_PxOptimizer):
         self.gradient_predivide_factor = gradient_predivide_factor
         if gradient_predivide_factor != 1.0:
             self._compressor = _Predivided(self._compressor, gradient_predivide_factor)
+        self._compression_name = compression
+        self.register_step_start_hook(HorovodDistributedOptimizer._announce)
+
+    def _announce(self) -> None:
+        """Before each reduction: one negotiation round carrying the bucket layout, so a rank
+        that called `hvd.join()` can take part with zeros (`joining.optimizer_step`). With every
+        rank working it is one small allreduce (the queues' digests agree)."""
+        from ...train import _comm
+        buckets = tuple((b.numel + len(b.params), str(b.dtype).removeprefix("torch."),
+                         b.params[0].device.type) for b in self.buckets)
+        sig = (("buckets", buckets), ("op", self.op), ("compression", self._compression_name),
+               ("layout check", _comm.generation() != self._checked_generation))
+        handles.run("optimizer", "step", lambda: handles.Done(None), sig)
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Change how many backward passes accumulate before a reduction (between steps)."""
@@ -111,7 +125,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     passes locally before reducing; `gradient_predivide_factor` f divides gradients by f before
     the sum and multiplies by f/size after (op=Average only)."""
     require_init("DistributedOptimizer")
-    check(process_set, "DistributedOptimizer")
+    if process_set is not global_process_set and process_set.process_set_id != 0:
+        check(process_set, "DistributedOptimizer")   # ValueError for a bad or foreign set
+        raise NotImplementedError(
+            f"DistributedOptimizer(process_set={process_set}): phalanx's fused optimizer reduces "
+            "over the whole job only; use hvd.global_process_set, or reduce the gradients "
+            "yourself with hvd.grouped_allreduce(grads, process_set=...) before step()")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"DistributedOptimizer: optimizer={type(optimizer).__name__} is not a "
                          "torch.optim.Optimizer; pass e.g. torch.optim.SGD(model.parameters())")

@@ -82,12 +82,13 @@ def post_factor(op: int, postscale: float, size: int) -> float:
 
 
 def start_allreduce_(buf: torch.Tensor, op: int, pre: float, post: float,
-                     name: str | None) -> Waitable:
-    """Start reducing contiguous `buf` in place; waiting returns `buf`."""
-    import phalanx as px
+                     name: str | None, comm: Any = None) -> Waitable:
+    """Start reducing contiguous `buf` in place over `comm` (a `process_sets.check` result;
+    None: the whole job); waiting returns `buf`."""
+    px = comm if comm is not None else _job()
     data = buf.detach()
     if op == Adasum:
-        adasum_(data, pre, post, name)
+        adasum_(data, pre, post, name, px)
         return Done(buf)
     scale_(data, pre)
     factor = post_factor(op, post, px.size())
@@ -101,13 +102,13 @@ def start_allreduce_(buf: torch.Tensor, op: int, pre: float, post: float,
 
 
 def start_grouped_(bufs: list[torch.Tensor], op: int, pre: float, post: float,
-                   name: str | None) -> Waitable:
-    """Start reducing contiguous `bufs` in place, fused into one buffer per dtype and device;
-    waiting returns `bufs`."""
-    import phalanx as px
+                   name: str | None, comm: Any = None) -> Waitable:
+    """Start reducing contiguous `bufs` in place over `comm`, fused into one buffer per dtype
+    and device; waiting returns `bufs`."""
+    px = comm if comm is not None else _job()
     if op == Adasum:
         for i, b in enumerate(bufs):
-            adasum_(b.detach(), pre, post, f"{name}.{i}" if name else None)
+            adasum_(b.detach(), pre, post, f"{name}.{i}" if name else None, px)
         return Done(bufs)
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for b in bufs:
@@ -132,9 +133,13 @@ def start_grouped_(bufs: list[torch.Tensor], op: int, pre: float, post: float,
     return Chain(inner, finish)
 
 
-def adasum_(data: torch.Tensor, pre: float, post: float, name: str | None) -> None:
-    """Adasum-reduce `data` in place (see the module docstring)."""
+def _job() -> Any:
     import phalanx as px
+    return px
+
+
+def adasum_(data: torch.Tensor, pre: float, post: float, name: str | None, px: Any) -> None:
+    """Adasum-reduce `data` in place over `px` (see the module docstring)."""
     n = px.size()
     if n & (n - 1):
         raise NotImplementedError(f"allreduce(op=hvd.Adasum) needs a power-of-two number of "

@@ -60,7 +60,8 @@ class ThreadWorld:
             raise RuntimeError(f"mismatched collectives across ranks: {kinds}")
         return [v for _, v in got]
 
-    def allreduce_async_(self, t: torch.Tensor, op: str, name: str | None = None) -> _Done:
+    def allreduce_async_(self, t: torch.Tensor, op: str, name: str | None = None,
+                         group: Any = None) -> _Done:
         vals = self._exchange(f"allreduce:{name}:{tuple(t.shape)}", t.clone())
         out = torch.stack(vals)
         red = {"avg": lambda x: x.sum(0) / self.size, "sum": lambda x: x.sum(0),
@@ -72,7 +73,7 @@ class ThreadWorld:
     def allreduce(self, t: torch.Tensor, op: str, name: str | None = None) -> torch.Tensor:
         return self.allreduce_async_(t.clone(), op, name).wait()
 
-    def allgather_async(self, t: torch.Tensor) -> _Done:
+    def allgather_async(self, t: torch.Tensor, group: Any = None) -> _Done:
         return _Done(torch.cat(self._exchange(f"allgather:{t.dtype}", t.clone())))
 
     def broadcast_(self, t: torch.Tensor, root: int) -> torch.Tensor:
@@ -82,7 +83,7 @@ class ThreadWorld:
     def broadcast_object(self, obj: Any, root: int) -> Any:
         return copy.deepcopy(self._exchange("bobj", obj)[root])
 
-    def allgather_object(self, obj: Any) -> list[Any]:
+    def allgather_object(self, obj: Any, group: Any = None) -> list[Any]:
         return copy.deepcopy(self._exchange("agobj", obj))
 
     def run(self, fn: Callable[[int], Any]) -> list[Any]:
@@ -398,7 +399,7 @@ def test_failed_reduction_keeps_or_drops_local_grads(
         def wait(self) -> None:
             raise PhalanxError("peer lost")
 
-    monkeypatch.setattr(_comm, "allreduce_async_", lambda t, op, name=None: Lost())
+    monkeypatch.setattr(_comm, "allreduce_async_", lambda t, op, name=None, group=None: Lost())
     torch.nn.functional.cross_entropy(m(x[0]), y[0]).backward()
     before = [p.grad.clone() for p in m.parameters()]
     with pytest.raises(PhalanxError, match="peer lost"):

@@ -30,16 +30,18 @@ def size() -> int:
     return int(px.size())
 
 
-def allreduce_async_(t: torch.Tensor, op: str, name: str | None = None) -> Handle:
-    """Start an in-place allreduce of `t`; handles complete in issue order."""
+def allreduce_async_(t: torch.Tensor, op: str, name: str | None = None,
+                     group: Any = None) -> Handle:
+    """Start an in-place allreduce of `t` (among `group`'s ranks, a `px.new_group` subgroup;
+    None: the whole job); handles complete in issue order."""
     import phalanx as px
-    return px.allreduce_async_(t, op=op, name=name)
+    return px.allreduce_async_(t, op=op, name=name, group=group)
 
 
-def allgather_async(t: torch.Tensor) -> Handle:
+def allgather_async(t: torch.Tensor, group: Any = None) -> Handle:
     """Start an allgather of `t` along dim 0; `wait()` returns the concatenation."""
     import phalanx as px
-    return px.allgather_async(t)
+    return px.allgather_async(t, group=group)
 
 
 def allreduce(t: torch.Tensor, op: str, name: str | None = None) -> torch.Tensor:
@@ -60,10 +62,10 @@ def broadcast_object(obj: Any, root: int) -> Any:
     return px.broadcast_object(obj, root=root)
 
 
-def allgather_object(obj: Any) -> list[Any]:
+def allgather_object(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's picklable object, in rank order."""
     import phalanx as px
-    return px.allgather_object(obj)
+    return px.allgather_object(obj, group=group)
 
 
 def generation() -> int:

@@ -10,7 +10,7 @@ allgathered and decoded identically on every rank, so every rank applies the sam
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +31,9 @@ class Pending(Protocol):
 
 class Compressor(Protocol):
     """Starts the (possibly compressed) reduction of one packed bucket."""
+
+    group: Any
+    """The subgroup to reduce among (None: the whole job)."""
 
     def start(self, bucket: Bucket, op: str) -> Pending: ...
 
@@ -59,16 +62,22 @@ class _Done:
             self._finish(out)  # type: ignore[operator]
 
 
-class NoCompression:
+class _OnGroup:
+    group: Any = None
+    """The `px.new_group` subgroup to reduce among (None: the whole job), set by
+    DistributedOptimizer."""
+
+
+class NoCompression(_OnGroup):
     """Allreduce the bucket's flat buffer (gradients and presence flags) as it is."""
 
     def start(self, bucket: Bucket, op: str) -> Pending:
         assert bucket.buffer is not None
         name = f"grad.bucket{bucket.index}"
-        return _Done(_comm.allreduce_async_(bucket.buffer, op=op, name=name))
+        return _Done(_comm.allreduce_async_(bucket.buffer, op=op, name=name, group=self.group))
 
 
-class CastCompression:
+class CastCompression(_OnGroup):
     """Cast the bucket to a 16-bit float for the wire and back after (halves the bytes moved)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -78,13 +87,15 @@ class CastCompression:
         buf = bucket.buffer
         assert buf is not None
         if buf.dtype == self.dtype or not buf.is_floating_point():
-            return NoCompression().start(bucket, op)
+            return _Done(_comm.allreduce_async_(buf, op=op, name=f"grad.bucket{bucket.index}",
+                                                group=self.group))
         wire = buf.to(self.dtype)
-        handle = _comm.allreduce_async_(wire, op=op, name=f"grad.bucket{bucket.index}")
+        handle = _comm.allreduce_async_(wire, op=op, name=f"grad.bucket{bucket.index}",
+                                        group=self.group)
         return _Done(handle, lambda _: buf.copy_(wire))
 
 
-class _ErrorFeedback:
+class _ErrorFeedback(_OnGroup):
     """Per-bucket residuals: what compression dropped on this rank, added back next step."""
 
     def __init__(self) -> None:
@@ -127,7 +138,7 @@ class OneBitCompression(_ErrorFeedback):
         self.keep(bucket, x.sub_(sent))
         payload = torch.cat([scales.view(torch.uint8), (presence > 0).to(torch.uint8),
                              pack_bits(bits)])
-        handle = _comm.allgather_async(payload)
+        handle = _comm.allgather_async(payload, group=self.group)
 
         def finish(gathered: torch.Tensor) -> None:
             rows = gathered.view(-1, payload.numel())
@@ -167,7 +178,7 @@ class TopKCompression(_ErrorFeedback):
         self.keep(bucket, x)
         payload = torch.cat([idx.to(torch.int32), vals.view(torch.int32),
                              (presence > 0).to(torch.int32)])
-        handle = _comm.allgather_async(payload)
+        handle = _comm.allgather_async(payload, group=self.group)
 
         def finish(gathered: torch.Tensor) -> None:
             rows = gathered.view(-1, payload.numel())

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from . import _comm
 from .buckets import Bucket, build_buckets, layout_mismatch
 from .compression import COMPRESSIONS, Compressor, Pending, make_compressor
 from .helpers import prefer_foreach
+
+if TYPE_CHECKING:
+    from ..subgroups import Subgroup
 
 OPS = REDUCE_OPS
 """Valid values of `DistributedOptimizer(op=...)`."""
@@ -59,6 +62,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     With `foreach=True` (default) a wrapped CPU optimizer that left `foreach` unset steps with
     torch's multi-tensor kernels (`train.helpers.prefer_foreach`), as it already does on CUDA.
+
+    `group=` (a `px.new_group` subgroup) reduces among its ranks only: each subgroup trains
+    its own replica (call it on the members only).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
@@ -66,7 +72,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  op: str = "avg", compression: str = "none", topk_ratio: float = 0.01,
                  bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
                  overlap: bool = True, gradient_as_bucket_view: bool = True,
-                 foreach: bool = True) -> None:
+                 foreach: bool = True, group: Subgroup | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer={type(optimizer).__name__} is not a "
                               "torch.optim.Optimizer; pass e.g. "
@@ -98,7 +104,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.overlap = overlap
         self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
         self._lost: str | None = None   # why this step's gradients are gone (see synchronize)
+        self.group = group
         self._compressor: Compressor = make_compressor(compression, topk_ratio)
+        self._compressor.group = group
         if foreach:
             prefer_foreach(optimizer)
         if model is not None:
@@ -378,11 +386,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return
         layout = [(n, tuple(p.shape), str(p.dtype)) for b in self._buckets
                   for n, p in zip(b.names, b.params)]
-        digests = _comm.allgather_object(hashlib.sha256(repr(layout).encode()).hexdigest())
+        digests = _comm.allgather_object(hashlib.sha256(repr(layout).encode()).hexdigest(),
+                                         group=self.group)
         self._checked_generation = gen
         # None comes from a rank that joined (the Horovod facade's hvd.join) and stands in
         if len({d for d in digests if d is not None}) > 1:
-            raise CollectiveMismatch(layout_mismatch(_comm.allgather_object(layout)))
+            raise CollectiveMismatch(layout_mismatch(_comm.allgather_object(layout,
+                                                                            group=self.group)))
 
     def _launch(self, bucket: Bucket) -> None:
         if bucket.index == 0:

@@ -16,8 +16,8 @@ these differences (each module's docstring has the details):
   operations other ranks never submit) raises `StallError` after
   HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (default 120) instead of waiting forever (see
   `handles` and `negotiate`); `DistributedOptimizer` reduces through phalanx directly;
-- process sets run on phalanx subgroups; `DistributedOptimizer` takes the global set only
-  (see `process_sets`);
+- process sets run on phalanx subgroups, renumbered after a re-formation (see
+  `process_sets`);
 - `join()` stands in for allreduces and DistributedOptimizer steps, as Horovod's does (see
   `joining`); broadcast/alltoall/reducescatter run synchronously once negotiated (their
   `*_async` forms do not overlap with computation);

@@ -232,6 +232,10 @@ def _round(target: _Entry) -> None:
     except BaseException:
         _state["idle_since"], _state["warned"] = None, False
         raise
+    if plan.announced is not None:
+        _stand_in(("optimizer", "step"), tuple(plan.announced.items()))
+        _state["idle_since"], _state["warned"] = None, False
+        return
     by_key = {e.key: e for e in pending}
     for key, error in plan.errors.items():
         if key in by_key:
@@ -300,8 +304,10 @@ def _stand_in(key: negotiate.Key, sig: tuple[Any, ...]) -> None:
     """This rank joined and lacks `key`: take part with zeros (see `standin`)."""
     stand_in = _state.get("stand_in")
     if stand_in is None:   # only a joined rank lacks an operation that runs
-        raise RuntimeError(f"{negotiate.show(key)} was scheduled on a rank that neither "
-                           "submitted it nor joined (a phalanx bug; please report it)")
+        raise negotiate.MismatchError(
+            f"{negotiate.show(key)} runs on other ranks while this rank negotiates its own "
+            "operations (it neither submitted it nor joined); every rank must run the same "
+            "DistributedOptimizer steps and collectives, or call hvd.join() when out of data")
     try:
         stand_in(key, sig)
     except WorkerLost as e:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ... import env
+from . import announce
 from ...errors import CollectiveMismatch, ConfigError
 
 STALL_CHECK_TIME = "HOROVOD_STALL_CHECK_TIME_SECONDS"
@@ -102,6 +103,9 @@ class Plan:
     """Set on an idle round past the stall limit: the StallError message."""
     warning: str | None = None
     """Set on an idle round past the warning time: what to log."""
+    announced: dict[str, Any] | None = None
+    """Set when the other ranks were in a DistributedOptimizer step (`announce.decode`): a
+    joined rank stands in for it, any other rank has a mismatch."""
 
 
 def digest(descs: Sequence[Desc]) -> tuple[int, int]:
@@ -110,10 +114,14 @@ def digest(descs: Sequence[Desc]) -> tuple[int, int]:
     return int.from_bytes(h[:8], "little") & _MASK, int.from_bytes(h[8:], "little") & _MASK
 
 
-def all_same(descs: Sequence[Desc], px: Any) -> bool:
-    """True when every rank's queue is `descs` exactly (one small allreduce over `px`)."""
-    a, b = digest(descs)
-    top = px.allreduce(torch.tensor([a, b, -a, -b], dtype=torch.int64), op="max").tolist()
+def first_words(descs: Sequence[Desc], px: Any) -> list[int]:
+    """A round's first allreduce (max over `px`): the queues' digests, and an optimizer step's
+    announcement if the other ranks are in one (see `announce`)."""
+    return px.allreduce(announce.round_payload(*digest(descs)), op="max").tolist()
+
+
+def all_same(top: list[int]) -> bool:
+    """True when every rank's queue hashed the same (from `first_words`)."""
     return top[0] == -top[2] and top[1] == -top[3]
 
 
@@ -123,7 +131,13 @@ def exchange(descs: list[Desc], target: Key, idle_s: float, comm: Any = None) ->
     if comm is None:
         import phalanx as comm
     px = comm
-    if px.size() == 1 or all_same(descs, px):
+    if px.size() == 1:
+        return Plan(run=[(k, n) for k, n, _ in descs])
+    top = first_words(descs, px)
+    step = announce.decode(top)
+    if step is not None:
+        return Plan(announced=step)
+    if all_same(top):
         return Plan(run=[(k, n) for k, n, _ in descs])
     warn, limit = stall_limits()
     infos = px.allgather_object({"ops": descs, "target": target, "idle": idle_s,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ...train.optimizer import DistributedOptimizer as _PxOptimizer
-from . import handles
+from . import announce, handles
 from .basics import OP_NAMES, Adasum, Average, Max, Min, Product, Sum, require_init, size
 from .compression import Compression, Compressor
 from .process_sets import ProcessSet, check, global_process_set
@@ -71,10 +71,15 @@ class HorovodDistributedOptimizer(_PxOptimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, *,
                  named_parameters: list[tuple[str, torch.nn.Parameter]] | None, op: str,
                  compression: str, backward_passes_per_step: int,
-                 gradient_predivide_factor: float) -> None:
+                 gradient_predivide_factor: float, comm: Any = None) -> None:
+        if comm is None:
+            import phalanx as comm
+        self._hvd_comm = comm
+        """The process set's communicator (`process_sets.check`)."""
         super().__init__(optimizer, named_parameters=named_parameters, op=op,
                          compression=compression,
-                         backward_passes_per_step=backward_passes_per_step)
+                         backward_passes_per_step=backward_passes_per_step,
+                         group=getattr(comm, "group", None))
         self.gradient_predivide_factor = gradient_predivide_factor
         if gradient_predivide_factor != 1.0:
             self._compressor = _Predivided(self._compressor, gradient_predivide_factor)
@@ -82,15 +87,25 @@ class HorovodDistributedOptimizer(_PxOptimizer):
         self.register_step_start_hook(HorovodDistributedOptimizer._announce)
 
     def _announce(self) -> None:
-        """Before each reduction: one negotiation round carrying the bucket layout, so a rank
-        that called `hvd.join()` can take part with zeros (`joining.optimizer_step`). With every
-        rank working it is one small allreduce (the queues' digests agree)."""
+        """Before each reduction: announce the bucket layout, so a rank that called
+        `hvd.join()` can take part with zeros (`joining.optimizer_step`): one small
+        asynchronous allreduce (see `announce`), or a negotiation round where the layout does
+        not fit it."""
         from ...train import _comm
         buckets = tuple((b.numel + len(b.params), str(b.dtype).removeprefix("torch."),
                          b.params[0].device.type) for b in self.buckets)
+        check = _comm.generation() != self._checked_generation
+        comm = self._hvd_comm
+        if comm.size() == 1:
+            return
+        if announce.fits(buckets, self.op, self._compression_name):
+            # asynchronous: backward goes on; a joined rank reads the layout from it
+            comm.allreduce_async_(announce.encode(buckets, self.op, self._compression_name,
+                                                  check), op="max")
+            return
         sig = (("buckets", buckets), ("op", self.op), ("compression", self._compression_name),
-               ("layout check", _comm.generation() != self._checked_generation))
-        handles.run("optimizer", "step", lambda: handles.Done(None), sig)
+               ("layout check", check))
+        handles.run("optimizer", "step", lambda: handles.Done(None), sig, comm)
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Change how many backward passes accumulate before a reduction (between steps)."""
@@ -125,12 +140,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     passes locally before reducing; `gradient_predivide_factor` f divides gradients by f before
     the sum and multiplies by f/size after (op=Average only)."""
     require_init("DistributedOptimizer")
-    if process_set is not global_process_set and process_set.process_set_id != 0:
-        check(process_set, "DistributedOptimizer")   # ValueError for a bad or foreign set
-        raise NotImplementedError(
-            f"DistributedOptimizer(process_set={process_set}): phalanx's fused optimizer reduces "
-            "over the whole job only; use hvd.global_process_set, or reduce the gradients "
-            "yourself with hvd.grouped_allreduce(grads, process_set=...) before step()")
+    comm = check(process_set, "DistributedOptimizer")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"DistributedOptimizer: optimizer={type(optimizer).__name__} is not a "
                          "torch.optim.Optimizer; pass e.g. torch.optim.SGD(model.parameters())")
@@ -154,7 +164,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     return HorovodDistributedOptimizer(
         optimizer, named_parameters=_check_names(optimizer, named_parameters), op=px_op,
         compression=_map_compression(compression), gradient_predivide_factor=float(
-            gradient_predivide_factor), backward_passes_per_step=backward_passes_per_step)
+            gradient_predivide_factor), backward_passes_per_step=backward_passes_per_step,
+        comm=comm)
 
 
 def _map_op(op: Any) -> str:

@@ -6,10 +6,10 @@ job, as in Horovod); collectives given `process_set=` then run among its members
 name among them (each set negotiates on its own). A rank outside the set that calls one gets
 ValueError. `root_rank` of a broadcast within a set is a job rank, as in Horovod.
 
-Differences: `hvd.DistributedOptimizer(process_set=...)` takes the global set only, and a set
-used after the job re-formed (a lost or added worker) names ranks of the new generation
-(phalanx renumbers ranks 0..size-1 and rebuilds every set over the same numbers; a set naming
-a rank the job no longer has is refused).
+`hvd.DistributedOptimizer(process_set=...)` reduces gradients among the set's ranks (each set
+trains its own replica). Difference: a set used after the job re-formed (a lost or added
+worker) names ranks of the new generation (phalanx renumbers ranks 0..size-1 and rebuilds every
+set over the same numbers; a set naming a rank the job no longer has is refused).
 """
 
 from __future__ import annotations

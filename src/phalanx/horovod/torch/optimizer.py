@@ -59,6 +59,15 @@ class _Predivided:
     def __init__(self, inner: Any, factor: float) -> None:
         self._inner, self._factor = inner, factor
 
+    @property
+    def group(self) -> Any:
+        """The wrapped compressor's subgroup (see `train.compression`)."""
+        return self._inner.group
+
+    @group.setter
+    def group(self, value: Any) -> None:
+        self._inner.group = value
+
     def start(self, bucket: Any, op: str) -> _Rescaled:
         grads = bucket.buffer[:bucket.numel]
         grads.mul_(1.0 / self._factor)

@@ -224,3 +224,32 @@ def test_elastic_objects(solo) -> None:
     obj.batch = 4
     obj.restore()
     assert obj.batch == 1
+
+
+def test_join_decisions_and_the_step_announcement() -> None:
+    """Pure parts of hvd.join(): what runs while ranks have joined, and the optimizer step's
+    announcement read back from the max of every rank's payload."""
+    from phalanx.horovod.torch import announce
+    from phalanx.horovod.torch.negotiate import JOIN, JoinedError, decide
+    sig = (("dtype", "float32"), ("device", "cpu"), ("shape", (3,)), ("op", "Sum"))
+    ar = ("allreduce", "x", sig)
+    join = (*JOIN, ())
+    plan = decide([[ar], [join], [ar]])                     # rank 1 joined: it stands in
+    assert plan.run == [("allreduce", "x")] and plan.sigs[("allreduce", "x")] == sig
+    plan = decide([[("broadcast", "b", ())], [join]])       # not an allreduce: refused
+    assert isinstance(plan.errors[("broadcast", "b")], JoinedError)
+    assert "rank 1 has joined" in str(plan.errors[("broadcast", "b")])
+    assert decide([[ar, join], [join]]).run == [JOIN]        # all joined; x is not rank 1's
+    assert decide([[ar], [join], [join]]).run == [("allreduce", "x")]
+    bad = (("dtype", "float64"), *sig[1:])
+    assert ("allreduce", "x") in decide([[ar], [("allreduce", "x", bad)], [join]]).errors
+
+    buckets = ((1000, "float32", "cpu"), (7, "float16", "cpu"))
+    step = announce.encode(buckets, "avg", "fp16", True)
+    idle = announce.round_payload(123, 456)                  # a joined rank's own round
+    top = torch.maximum(step, idle).tolist()
+    assert announce.decode(top) == {"buckets": buckets, "op": "avg", "compression": "fp16",
+                                    "layout check": True}
+    assert announce.decode(torch.maximum(idle, announce.round_payload(7, 8)).tolist()) is None
+    assert not announce.fits(buckets, "avg", "1bit")
+    assert not announce.fits(buckets * 20, "avg", "none")

@@ -301,7 +301,7 @@ def _start(entry: _Entry) -> None:
 
 
 def _stand_in(key: negotiate.Key, sig: tuple[Any, ...]) -> None:
-    """This rank joined and lacks `key`: take part with zeros (see `standin`)."""
+    """This rank joined and lacks `key`: take part with zeros (`joining.stand_in`)."""
     stand_in = _state.get("stand_in")
     if stand_in is None:   # only a joined rank lacks an operation that runs
         raise negotiate.MismatchError(

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from ... import env
-from . import announce
 from ...errors import CollectiveMismatch, ConfigError
+from . import announce
 
 STALL_CHECK_TIME = "HOROVOD_STALL_CHECK_TIME_SECONDS"
 STALL_SHUTDOWN_TIME = "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"
@@ -164,20 +164,22 @@ def decide(queues: Sequence[Sequence[Desc]]) -> Plan:
     and cannot stand in for its kind. `JOIN` runs once every rank has joined."""
     sigs = [{(k, n): s for k, n, s in q} for q in queues]
     working = [r for r, s in enumerate(sigs) if JOIN not in s]
-    lead = working[0] if working else 0
+    required = working or list(range(len(sigs)))   # once all joined, what all of them queued
+    lead = required[0]
     plan = Plan()
     for kind, name, _ in queues[lead]:
         key = (kind, name)
-        if key == JOIN or any(key not in sigs[r] for r in working):
+        if key == JOIN or any(key not in sigs[r] for r in required):
             continue
         holders = [r for r, s in enumerate(sigs) if key in s]
         error: CollectiveMismatch | None = mismatch(key, [sigs[r][key] for r in holders],
                                                     holders)
         absent = [r for r in range(len(sigs)) if r not in holders]
         if error is None and absent and not can_stand_in(kind, sigs[lead][key]):
+            verb = "has" if len(absent) == 1 else "have"
             error = JoinedError(
-                f"{show(key)} cannot run while {_ranks(absent)} {'has' if len(absent) == 1 else 'have'} "
-                "joined: joined ranks stand in (with zeros) only for allreduces, grouped "
+                f"{show(key)} cannot run while {_ranks(absent)} {verb} joined: joined ranks "
+                "stand in (with zeros) only for allreduces, grouped "
                 "allreduces and DistributedOptimizer steps without 1-bit/top-k compression, as "
                 "in Horovod; submit it before hvd.join() on every rank")
         if error is None:

@@ -8,6 +8,10 @@ What a joined rank can stand in for (negotiate.STAND_IN_KINDS): `allreduce` and
 negotiation round, so a joined rank can mirror it). Any other operation submitted while a rank
 has joined fails on the ranks that submitted it with `negotiate.JoinedError`, as Horovod
 refuses them ("... is not supported with Join").
+
+A joined rank waits inside a collective as any rank does at a barrier, so the ranks still
+working must reach their next step or collective within the job's collective timeout
+(`Config.timeout`, 30 s by default), or the coordinator takes them for stuck.
 """
 
 from __future__ import annotations

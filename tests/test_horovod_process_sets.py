@@ -137,6 +137,10 @@ if pair.included():
     same("pair adasum", ad, want)
 check("remove", hvd.remove_process_set(trio) is True)
 check("remove again", hvd.remove_process_set(trio) is False)
+from phalanx import runtime
+check("the removed set's subgroup is closed and not rebuilt",
+      (0, 1, 3) not in runtime.current().group.subgroups
+      and (0, 1, 3) not in runtime.current().subgroup_members)
 check("remove global", hvd.remove_process_set(hvd.global_process_set) is False)
 raises("removed set", ValueError, lambda: hvd.allreduce(me, process_set=trio))
 same("global at the end", hvd.allreduce(me, op=hvd.Sum), sum(val(0, q) for q in range(n)))

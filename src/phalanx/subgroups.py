@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from . import runtime
 from .comm import collectives as C
-from .comm.group import Group
+from .comm.group import Group, Placement
 from .comm.subgroup import open_subgroup
 from .errors import ConfigError
 
@@ -39,7 +39,7 @@ class Subgroup:
 
     def rank(self) -> int:
         """This worker's rank within the subgroup (ConfigError if it is not a member)."""
-        return self.members.index(_member(self, "Subgroup.rank()").place.rank)
+        return self.members.index(_check_member(self, "Subgroup.rank()").rank)
 
     def size(self) -> int:
         """Number of member ranks."""
@@ -75,7 +75,8 @@ def resolve(group: Subgroup | None, op: str) -> Group:
     if not isinstance(group, Subgroup):
         raise ConfigError(f"{op}(group={group!r}): pass a group made by px.new_group(ranks), "
                           "or None for the whole job")
-    return _member(group, op)
+    _check_member(group, op)
+    return open_subgroup(runtime.current().group, group.members)
 
 
 def root_in(group: Subgroup | None, root: int, op: str) -> int:
@@ -88,9 +89,20 @@ def root_in(group: Subgroup | None, root: int, op: str) -> int:
     return group.members.index(root)
 
 
-def _member(group: Subgroup, op: str) -> Group:
-    g = runtime.current().group
-    place = g.place
+def release(group: Subgroup) -> None:
+    """Forget `group` (collective, like `new_group`): later generations no longer rebuild it
+    and this rank's process group for it closes now."""
+    rt = runtime.current()
+    if group.members in rt.subgroup_members:
+        rt.subgroup_members.remove(group.members)
+    sub = rt.group.subgroups.pop(group.members, None)
+    if sub is not None:
+        sub.close()
+
+
+def _check_member(group: Subgroup, op: str) -> Placement:
+    """This rank's placement in the job, if it is a member of `group` in this generation."""
+    place = runtime.current().group.place
     if max(group.members) >= place.size:
         raise ConfigError(f"{op}: {group} names rank {max(group.members)} but generation "
                           f"{place.generation} has {place.size} rank(s) (the job re-formed "
@@ -98,7 +110,7 @@ def _member(group: Subgroup, op: str) -> Group:
     if place.rank not in group.members:
         raise ConfigError(f"{op}: rank {place.rank} is not in {group}; call it on the "
                           "members only (group.included())")
-    return open_subgroup(g, group.members)
+    return place
 
 
 def _check_ranks(ranks: Iterable[int], size: int) -> tuple[int, ...]:

@@ -4,8 +4,8 @@ ranks do: an Average still divides by the full size, a Max or Min sees the zeros
 
 What a joined rank can stand in for (negotiate.STAND_IN_KINDS): `allreduce` and
 `grouped_allreduce` in every form, and the gradient reductions of `hvd.DistributedOptimizer`
-(with no compression, fp16 or bf16; each of its steps announces its bucket layout in one
-negotiation round, so a joined rank can mirror it). Any other operation submitted while a rank
+(with no compression, fp16 or bf16; each of its steps announces its bucket layout, see
+`announce`, so a joined rank can mirror it). Any other operation submitted while a rank
 has joined fails on the ranks that submitted it with `negotiate.JoinedError`, as Horovod
 refuses them ("... is not supported with Join").
 
@@ -65,7 +65,7 @@ def stand_in(key: N.Key, sig: tuple[Any, ...]) -> None:
 
 
 def optimizer_step(f: dict[str, Any]) -> None:
-    """Mirror one DistributedOptimizer reduction (see `optimizer.announce`): the layout check
+    """Mirror one DistributedOptimizer reduction (announced by its `_announce`): the layout check
     of a new generation (contributing no layout), then one zero bucket per bucket."""
     import phalanx as px
     if f["layout check"]:

@@ -101,12 +101,12 @@ class HorovodDistributedOptimizer(_PxOptimizer):
         asynchronous allreduce (see `announce`), or a negotiation round where the layout does
         not fit it."""
         from ...train import _comm
-        buckets = tuple((b.numel + len(b.params), str(b.dtype).removeprefix("torch."),
-                         b.params[0].device.type) for b in self.buckets)
-        check = _comm.generation() != self._checked_generation
         comm = self._hvd_comm
         if comm.size() == 1:
             return
+        buckets = tuple((b.numel + len(b.params), str(b.dtype).removeprefix("torch."),
+                         b.params[0].device.type) for b in self.buckets)
+        check = _comm.generation() != self._checked_generation
         if announce.fits(buckets, self.op, self._compression_name):
             # asynchronous: backward goes on; a joined rank reads the layout from it
             comm.allreduce_async_(announce.encode(buckets, self.op, self._compression_name,

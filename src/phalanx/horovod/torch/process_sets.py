@@ -142,12 +142,14 @@ def add_process_set(process_set: ProcessSet | Iterable[int]) -> ProcessSet:
 
 
 def remove_process_set(process_set: ProcessSet) -> bool:
-    """Unregister a set (collective, as in Horovod); False for the global set or a set that
-    is not registered."""
+    """Unregister a set and close its subgroup (collective, as in Horovod); False for the
+    global set or a set that is not registered."""
+    from ...subgroups import release
     if (not isinstance(process_set, ProcessSet) or process_set.process_set_id in (None, 0)
             or _state["sets"].get(process_set.process_set_id) is not process_set):
         return False
     del _state["sets"][process_set.process_set_id]
+    release(process_set._group)
     process_set._invalidate()
     return True
 

@@ -58,7 +58,12 @@ def train(state):
 train(state)
 with torch.no_grad():
     final = torch.nn.functional.cross_entropy(model(X), Y).item()
+# after every re-formation the buckets move into the new group's shared memory
+from phalanx.train import _comm  # noqa: E402
+home = _comm.shared_buffers()
+shared = all(b.home is home and home.locate(b.buffer) >= 0 for b in opt.buckets)
 torch.save({"params": [p.detach().clone() for p in model.parameters()], "loss": final,
-            "step": state.step, "size": px.size(), "recoveries": state.recoveries},
+            "step": state.step, "size": px.size(), "recoveries": state.recoveries,
+            "buckets_shared": shared},
            os.path.join(out_dir, f"rank{px.rank()}.{me}.pt"))
 px.barrier()

@@ -69,6 +69,7 @@ def check(res, finals, samples, reference_loss: float, *, expect_size: int, epoc
         dup = [i for i, c in counts.items() if c != 1]
         assert not dup, f"epoch {e}: samples trained more than once: {dup[:10]}"
     assert any(f["recoveries"] for f in finals), "no recovery happened"
+    assert all(f["buckets_shared"] for f in finals), "buckets not in this generation's memory"
 
 
 @pytest.mark.timeout(180)

@@ -21,6 +21,7 @@ if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 from phalanx.comm.shm import ShmAllreduce  # noqa: E402
+from phalanx.comm.shmbuf import SharedBuffers  # noqa: E402
 from phalanx.errors import CollectiveMismatch, ConfigError, WorkerLost  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
@@ -199,6 +200,59 @@ def test_allreduce_and_broadcast_match_numpy(shm_path, size):
         kind, payload = res[rank]
         assert kind == "ok", f"rank {rank}: {kind} {payload}"
         assert payload == [], f"rank {rank} mismatches: {payload}"
+
+
+def _shared_worker(rank: int, size: int, path: str, pids: list[int]) -> list[str]:
+    """Tensors in SharedBuffers are reduced in place (bitwise what the slot path gives); one
+    private tensor on any rank sends everyone through the slots; names go once all mapped."""
+    torch.set_num_threads(1)
+    eng = ShmAllreduce(path, rank, size, capacity_bytes=CAP, timeout=30.0,
+                       peer_pids=pids, block_bytes=BLOCK)
+    eng.buffers = SharedBuffers(path, rank)
+    bad: list[str] = []
+    try:
+        seed = 1000
+        for dtype in (torch.float32, torch.float64, torch.int32, torch.bfloat16, torch.bool):
+            for op in _ops(dtype):
+                for n in (1, 7, 1001, 4500):
+                    seed += 1
+                    inputs = _inputs(dtype, n, size, seed, op)
+                    shared = eng.buffers.empty(n + 3, dtype)[3:]     # at an offset
+                    shared.copy_(inputs[rank])
+                    private = inputs[rank].clone()
+                    eng.allreduce_(shared, op, (seed, n))
+                    eng.allreduce_(private, op, (seed, n))
+                    if not torch.equal(shared, private):
+                        bad.append(f"in place != slots: {dtype} {op} n={n}")
+                    mixed = shared.clone() if rank == size - 1 else shared
+                    mixed.copy_(inputs[rank])
+                    eng.allreduce_(mixed, op, (seed, n))
+                    if not torch.equal(mixed, private):
+                        bad.append(f"mixed shared/private: {dtype} {op} n={n}")
+        unused = eng.buffers.empty(10, torch.float32)
+        eng.barrier()
+        left = sorted(p for p in os.listdir("/dev/shm") if p.startswith(os.path.basename(path)
+                                                                         + f".b{rank}."))
+        if len(left) != 1:
+            bad.append(f"names left after the ops: {left} (want only the unused buffer's)")
+        eng.buffers.close()
+        unused.fill_(1.0)               # the memory outlives the name and the close
+        eng.barrier()
+        if any(p.startswith(os.path.basename(path) + ".b") for p in os.listdir("/dev/shm")):
+            bad.append("names left after close")
+    finally:
+        eng.close()
+    return bad
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("size", [2, 3])
+def test_shared_buffers_reduce_in_place(shm_path, size):
+    res = _spawn(_shared_worker, size, shm_path, deadline=80.0)
+    for rank in range(size):
+        kind, payload = res[rank]
+        assert kind == "ok", f"rank {rank}: {kind} {payload}"
+        assert payload == [], f"rank {rank}: {payload}"
 
 
 def _mismatch_worker(rank: int, size: int, path: str, pids: list[int]) -> list[str]:

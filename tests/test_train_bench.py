@@ -61,12 +61,14 @@ def test_bench_train_runs_and_writes_json(tmp_path: Path) -> None:
     from phalanx.bench import train
     out = tmp_path / "train.json"
     assert train.main(["--np", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4",
-                       "--models", "many", "--horovod", "--compare-copy", "--json", str(out)]) == 0
+                       "--models", "many", "--horovod", "--compare-copy", "--compare-independent",
+                       "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "many" and row["tensors"] > 100
     for key in ("single_samples_per_s", "ddp_samples_per_s", "phalanx_samples_per_s",
                 "phalanx_over_ddp", "phalanx_scaling_efficiency", "horovod_samples_per_s",
-                "horovod_over_phalanx", "phalanx_copy_samples_per_s"):
+                "horovod_over_phalanx", "phalanx_copy_samples_per_s",
+                "independent_samples_per_s"):
         assert row[key] > 0
     for mode in ("phalanx", "phalanx-copy", "horovod"):   # step phases, about the step time
         ph = row["phases_ms"][mode]   # (2 timed steps here: a loose check of the plumbing)

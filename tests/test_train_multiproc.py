@@ -75,7 +75,10 @@ for kind, k, comp in CONFIGS:
         out[key + suffix] = run(m, opt, x[:, :, r * B:(r + 1) * B], y[:, :, r * B:(r + 1) * B],
                                 k, set_to_none=none)
         if view:
-            out[key + suffix + "-views"] = in_buckets(m, opt)
+            # ... inside buffers in shared memory, which the peers reduce in place
+            out[key + suffix + "-views"] = in_buckets(m, opt) and all(
+                b.home is not None and b.home.locate(b.buffer) >= 0 for b in opt.buckets
+                if b.buffer.dtype == torch.float32 and comp == "none")
     if r == 0:
         ref = model()
         out[key + "-ref"] = run(ref, make_opt(kind, ref), x, y, k)

@@ -56,7 +56,7 @@ def _worker(args: argparse.Namespace) -> None:
     """Time `steps` training steps after `warmup`; rank 0 prints one JSON line."""
     import torch
     torch.set_num_threads(1)
-    rank, world = 0, 1
+    rank, world = (args.rank, 1) if args.worker == "single" else (0, 1)
     if args.worker in ("phalanx", "phalanx-copy", "horovod"):
         import phalanx as px
         from phalanx.train import DistributedOptimizer, broadcast_parameters
@@ -120,6 +120,8 @@ def _worker(args: argparse.Namespace) -> None:
         loss_fn(net(x), y).backward()
         opt.step()
 
+    if args.ready_dir:          # independent runs: start together, each on its own core
+        _meet(Path(args.ready_dir), rank, args.world)
     for _ in range(args.warmup):
         step()
     barrier()
@@ -128,7 +130,7 @@ def _worker(args: argparse.Namespace) -> None:
         step()
     barrier()
     elapsed = time.perf_counter() - t0
-    if rank == 0:
+    if rank == 0 or args.worker == "single":
         n_params = sum(p.numel() for p in model.parameters())
         thr = world * args.batch_size * args.steps / elapsed
         print("BENCH " + json.dumps({"samples_per_s": thr,
@@ -137,6 +139,17 @@ def _worker(args: argparse.Namespace) -> None:
                                      "phases_ms": _phases_ms(args)}), flush=True)
     if args.worker == "ddp":
         dist.destroy_process_group()
+
+
+def _meet(where: Path, rank: int, n: int, timeout: float = 120.0) -> None:
+    """Wait until all `n` independent processes have started (a file each in `where`)."""
+    (where / f"ready.{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(where.glob("ready.*"))) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench train: only {len(list(where.glob('ready.*')))} of {n} "
+                             f"independent processes started within {timeout:.0f} s")
+        time.sleep(0.01)
 
 
 def _phases_ms(args: argparse.Namespace) -> dict[str, float] | None:
@@ -195,6 +208,8 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
         return _parse_result([p.stdout], mode)
     if mode == "horovod-real":
         return _run_horovodrun(common, n, timeout)
+    if mode == "independent":
+        return _run_independent(common, n, timeout)
     if mode == "single":
         p = subprocess.run([sys.executable, *common], check=False, capture_output=True,
                            text=True, env=_env(), timeout=timeout)
@@ -217,6 +232,30 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
     if any(w.returncode != 0 for w in workers):
         raise RuntimeError("DDP run failed:\n" + "\n".join(outs))
     return _parse_result(outs, "ddp")
+
+
+def _run_independent(common: list[str], n: int, timeout: float) -> dict[str, Any]:
+    """`n` one-process runs at once, each on its own core, sharing nothing but the machine:
+    their summed samples/s is what the hardware allows `n` workers with no communication."""
+    import tempfile
+    common = [c if c != "independent" else "single" for c in common]
+    with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as ready:
+        procs = [subprocess.Popen([sys.executable, *common, "--rank", str(r), "--world", str(n),
+                                   "--ready-dir", ready], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=_env())
+                 for r in range(n)]
+        try:
+            outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError("independent runs failed:\n" + "\n".join(outs))
+    each = [_parse_result([o], "independent") for o in outs]
+    return {**each[0], "samples_per_s": sum(e["samples_per_s"] for e in each),
+            "step_ms": sum(e["step_ms"] for e in each) / n}
 
 
 def _run_horovodrun(common: list[str], n: int, timeout: float) -> dict[str, Any]:
@@ -249,6 +288,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-copy", action="store_true",
                    help="also time phalanx with gradient_as_bucket_view=False (gradients packed "
                         "into and unpacked from the buckets: the path before zero-copy)")
+    p.add_argument("--compare-independent", action="store_true",
+                   help="also time --np one-process runs at once, each on its own core and "
+                        "sharing nothing: the rate this machine allows without communication, "
+                        "the ceiling of scaling efficiency")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of mlp,many")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="train on the CPU (default) or on CUDA: a GPU per worker where there "
@@ -274,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--ready-dir", help=argparse.SUPPRESS)
     return p
 
 
@@ -311,6 +355,7 @@ def _measure(model: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     by samples/s (the lower middle one for an even count) or the best, as --stat says."""
     modes = [("single", 1), ("ddp", args.np), ("phalanx", args.np)]
     modes += [("phalanx-copy", args.np)] if args.compare_copy else []
+    modes += [("independent", args.np)] if args.compare_independent else []
     modes += [("horovod", args.np)] if args.horovod else []
     modes += [("horovod-real", args.np)] if args.real_horovod else []
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -343,7 +388,7 @@ def _row(model: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -
                       for m, r in res.items() if r.get("phases_ms")},
         "runs_samples_per_s": {m: r["all_samples_per_s"] for m, r in res.items()},
     }
-    for mode in ("phalanx-copy", "horovod", "horovod-real"):
+    for mode in ("phalanx-copy", "independent", "horovod", "horovod-real"):
         if mode in res:
             key = mode.replace("-", "_")
             row[f"{key}_samples_per_s"] = res[mode]["samples_per_s"]
@@ -367,6 +412,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
               f"{r['phalanx_scaling_efficiency']:>7.2f} {r['ddp_scaling_efficiency']:>7.2f}")
     for r in rows:
         for mode, what in (("phalanx_copy", "phalanx, copy path (no bucket views)"),
+                           ("independent", f"{args.np} independent processes (no communication)"),
                            ("horovod", "Horovod facade"),
                            ("horovod_real", "real Horovod")):
             if f"{mode}_samples_per_s" in r:

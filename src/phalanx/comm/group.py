@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..config import Config
 from ..errors import CollectiveMismatch, PhalanxError, WorkerLost
 from . import graveyard, ops
+from .shmbuf import SharedBuffers
 from .shmnames import segment_path
 from .work import Handle, OrderedExecutor
 
@@ -124,6 +125,7 @@ class Group:
         path = self._pick_path()
         if path == "shm":
             self.shm = self._open_shm()
+            self.shm.buffers = SharedBuffers(self.shm_path, place.local_rank, place.generation)
         elif path == "hier":
             self._open_hier()
 
@@ -208,6 +210,8 @@ class Group:
         self.subgroups = {}
         self._exec.close()
         if self.shm is not None:
+            if self.shm.buffers is not None:
+                self.shm.buffers.close()
             self.shm.unlink()
             self.shm.close()
             self.shm = None
@@ -231,6 +235,11 @@ class Group:
                     except (RuntimeError, AttributeError):
                         pass
         self._nccl = None
+
+    def shared_buffers(self) -> SharedBuffers | None:
+        """Where to allocate CPU tensors this group reduces often (gradient buckets) so the
+        shared-memory allreduce reads them in place; None when the group is not one host's."""
+        return self.shm.buffers if self.shm is not None else None
 
     # ----------------------------------------------------------------- plumbing
     def _guard(self, what: str, fn: Callable[[], T], queued: float | None = None,

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from . import ops
+from .shmbuf import SharedBuffers
 from .shmsync import Explain, ShmSegment
 
 __all__ = ["Explain", "ShmAllreduce"]
@@ -40,8 +41,11 @@ class ShmAllreduce(ShmSegment):
     """Allreduce and broadcast among the ranks of one host through one shared-memory segment.
 
     Takes `ShmSegment`'s arguments (path, local rank and size, capacity_bytes, timeout,
-    peer_pids, abort_check, block_bytes, threads, ranks, generation, explain).
+    peer_pids, abort_check, block_bytes, threads, ranks, generation, explain). With `buffers`
+    set, an allreduce of a tensor in one of them skips the slots when every rank's is shared.
     """
+
+    buffers: SharedBuffers | None = None
 
     def allreduce_(self, tensor: torch.Tensor, op: str, signature: Sequence[int] = ()) -> None:
         """Reduce `tensor` in place across the local ranks with `op` (NaN propagates in min/max).
@@ -53,10 +57,12 @@ class ShmAllreduce(ShmSegment):
         ops.check_op(op, dt)
         fn = _BOOL_FN[op] if dt == torch.bool else _FN[op]
         n = flat.numel()
-        self._start(_ALLREDUCE, ops.OP_INDEX[op], ops.DTYPE_INDEX[dt], n, -1, signature)
+        where = self.buffers.locate(flat) if self.buffers is not None else -1
+        # The root word says where a shared tensor lives (-1: private); ranks may differ.
+        self._start(_ALLREDUCE, ops.OP_INDEX[op], ops.DTYPE_INDEX[dt], n, where, signature)
         if n == 0:
             self._sync()
-            self._check()
+            self._check(ignore_root=True)
             return
         slots, result = self._dtype_views(dt)
         me, P = self.local_rank, self.local_size
@@ -91,7 +97,38 @@ class ShmAllreduce(ShmSegment):
             if b1 > c1:
                 flat[base + c1:base + b1].copy_(result[c1:b1])
 
-        self._run(n, flat.element_size(), copy_in, work, copy_out, False)
+        self._run(n, flat.element_size(), copy_in, work, copy_out, False,
+                  lambda: self._in_place(flat, fn, op, where))
+
+    def _in_place(self, flat: torch.Tensor, fn: Callable, op: str, where: int) -> bool:
+        """After the first sync: if every rank's tensor is a shared buffer, reduce straight
+        between them (no slots, no result area) and return True.
+
+        Block by block, rank r reduces chunk r of every rank's block into its own tensor, then
+        after a sync copies the other chunks from their reducers' tensors; a last sync keeps
+        every buffer unchanged until all peers have read it.
+        """
+        wheres = self._roots()
+        if where < 0 or min(wheres) < 0 or self.buffers is None:
+            return False
+        me, P, n, dt = self.local_rank, self.local_size, flat.numel(), flat.dtype
+        peers = {q: self.buffers.peer(q, wheres[q], n, dt) for q in self._peers}
+        blk = max(1, self.block_bytes // flat.element_size())
+        for b0 in range(0, n, blk):
+            b1 = min(n, b0 + blk)
+            c0, c1 = b0 + (b1 - b0) * me // P, b0 + (b1 - b0) * (me + 1) // P
+            out = flat[c0:c1]
+            for t in peers.values():
+                fn(out, t[c0:c1], out=out)
+            if op == "avg":
+                out.div_(P)
+            self._sync()
+            for q, t in peers.items():
+                d0, d1 = b0 + (b1 - b0) * q // P, b0 + (b1 - b0) * (q + 1) // P
+                flat[d0:d1].copy_(t[d0:d1])
+        self._sync()
+        self.buffers.mapped(where)
+        return True
 
     def allreduce_around_(self, tensor: torch.Tensor, op: str,
                           between: Callable[[torch.Tensor], Callable[[], None]],
@@ -230,7 +267,8 @@ class ShmAllreduce(ShmSegment):
         return v
 
     def _run(self, n: int, esize: int, copy_in: Callable, work: Callable | None,
-             copy_out: Callable, trailing_sync: bool) -> None:
+             copy_out: Callable, trailing_sync: bool,
+             in_place: Callable[[], bool] | None = None) -> None:
         """Pipeline over rounds of capacity_bytes and blocks of block_bytes.
 
         Per round: copy_in(0); sync; for each block j: work(j); copy_in(j+1); sync;
@@ -247,7 +285,7 @@ class ShmAllreduce(ShmSegment):
         if nt != self.threads:
             torch.set_num_threads(self.threads)   # per calling thread under OpenMP
         try:
-            self._rounds(n, esize, copy_in, work, copy_out)
+            self._rounds(n, esize, copy_in, work, copy_out, in_place)
         finally:
             if nt != self.threads:
                 torch.set_num_threads(nt)
@@ -255,7 +293,7 @@ class ShmAllreduce(ShmSegment):
             self._sync()
 
     def _rounds(self, n: int, esize: int, copy_in: Callable, work: Callable | None,
-                copy_out: Callable) -> None:
+                copy_out: Callable, in_place: Callable[[], bool] | None) -> None:
         cap = self.capacity_bytes // esize
         blk = max(1, self.block_bytes // esize)
         first = True
@@ -265,8 +303,10 @@ class ShmAllreduce(ShmSegment):
             copy_in(base, *blocks[0])
             self._sync()
             if first:
-                self._check()
+                self._check(ignore_root=in_place is not None)
                 first = False
+                if in_place is not None and in_place():
+                    return
             for j, (b0, b1) in enumerate(blocks):
                 if work is not None:
                     work(base, b0, b1)

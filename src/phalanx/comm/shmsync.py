@@ -41,6 +41,8 @@ _PAGE = 4096
 _INTERNAL = 6                   # kind, op, dtype, numel, root, capacity (indices into ops' tables)
 _MAX_USER_SIG = _SIG_WORDS - 1 - _INTERNAL
 _BARRIER = ops.COLLECTIVE_INDEX["barrier"]
+_BROADCAST = ops.COLLECTIVE_INDEX["broadcast"]
+_ROOT = 5                       # index of the root word in a signature slot
 _S = TypeVar("_S", bound="ShmSegment")
 
 # Waiting: busy-poll, then sched_yield (lets a co-scheduled peer run), then sleep with backoff.
@@ -248,19 +250,29 @@ class ShmSegment:
         slot[0] = len(words)
         self._nops += 1
 
-    def _check(self, ignore_last: bool = False) -> None:
+    def _check(self, ignore_last: bool = False, ignore_root: bool = False) -> None:
         """After an op's first sync: raise CollectiveMismatch if the ranks' signatures differ
-        (in all but the last word with ignore_last)."""
+        (in all but the last word with ignore_last; but the root word with ignore_root)."""
         sigs = self._sigs[(self._nops - 1) & 1]
         mine = sigs[self.local_rank]
         k = 1 + int(mine[0]) - ignore_last     # a differing length differs in word 0
-        if not (sigs[:, :k] == mine[:k]).all():
+        same = sigs[:, :k] == mine[:k]
+        if ignore_root:
+            same[:, _ROOT] = True
+        if not same.all():
             raise CollectiveMismatch(self._mismatch(sigs))
+
+    def _roots(self) -> list[int]:
+        """Every local rank's root word of the current op (after its first sync)."""
+        return [int(x) for x in self._sigs[(self._nops - 1) & 1][:, _ROOT]]
 
     def _mismatch(self, sigs: np.ndarray) -> str:
         """The same text on every rank, whichever op each rank is in."""
         rows = [tuple(int(x) for x in sigs[q, 1:1 + int(sigs[q, 0])])
                 for q in range(self.local_size)]
+        # an allreduce's root word says where a shared tensor lives: not part of the call
+        rows = [r[:_ROOT - 1] + (-1,) + r[_ROOT:] if r and r[0] != _BROADCAST else r
+                for r in rows]
         note = ""
         if self._explain is not None:
             try:

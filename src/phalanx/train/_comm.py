@@ -74,6 +74,16 @@ def generation() -> int:
     return int(px.generation())
 
 
+def shared_buffers(group: Any = None) -> Any:
+    """The current generation's `comm.shmbuf.SharedBuffers` of `group` (None: the whole job)
+    for buffers reduced every step, or None where there are none (several hosts, no runtime)."""
+    from .. import runtime
+    if runtime.active() is None:
+        return None
+    from ..subgroups import resolve
+    return resolve(group, "DistributedOptimizer").shared_buffers()
+
+
 def recorder() -> Any:
     """This process's observe.Recorder (timeline and step metrics), or None before init()."""
     from .. import runtime

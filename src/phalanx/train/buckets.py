@@ -9,6 +9,7 @@ same collectives in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,11 +43,19 @@ class Bucket:
     views: list[torch.Tensor] = field(default_factory=list)
     """Each parameter's slice of `buffer`, shaped like the parameter (made with the buffer)."""
 
-    def flat(self, device: torch.device) -> torch.Tensor:
-        """The bucket's flat buffer, allocated once."""
-        if self.buffer is None or self.buffer.device != device:
-            self.buffer = torch.empty(self.numel + len(self.params), dtype=self.dtype,
-                                      device=device)
+    home: Any = field(default=None)
+    """The `SharedBuffers` the CPU buffer lives in (None: private memory)."""
+
+    def flat(self, device: torch.device, home: Any = None) -> torch.Tensor:
+        """The bucket's flat buffer, allocated once, and again when `home` (the current
+        group's `comm.shmbuf.SharedBuffers`, for a buffer peers reduce in place) changes."""
+        home = home if device.type == "cpu" else None
+        if (self.buffer is None or self.buffer.device != device
+                or (home is not None and home is not self.home)):
+            n = self.numel + len(self.params)
+            self.buffer = (home.empty(n, self.dtype) if home is not None else
+                           torch.empty(n, dtype=self.dtype, device=device))
+            self.home = home
             self.views = [self.buffer[o:o + p.numel()].view_as(p)
                           for o, p in zip(self.offsets, self.params)]
         return self.buffer
@@ -55,12 +64,13 @@ class Bucket:
         """Whether parameter j's gradient already is its view into the buffer."""
         return _is_view(self.params[j].grad, self.views[j])
 
-    def adopt(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def adopt(self, home: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-copy packing (DDP's `gradient_as_bucket_view`): make every gradient a view into
         the buffer, copying in (one fused copy) only those that live elsewhere: a fresh
-        gradient after `zero_grad(set_to_none=True)`, or one the user replaced. Zeros where
-        there is no gradient. Returns views (gradients, presence flags), as `pack` does."""
-        buf = self.flat(self.params[0].device)
+        gradient after `zero_grad(set_to_none=True)`, one the user replaced, or one left in
+        the buffer of an earlier `home`. Zeros where there is no gradient. Returns views
+        (gradients, presence flags), as `pack` does."""
+        buf = self.flat(self.params[0].device, home)
         grads, presence = buf[:self.numel], buf[self.numel:]
         present: list[float] = []
         zeros: list[torch.Tensor] = []
@@ -105,11 +115,11 @@ class Bucket:
             if self.views and self.holds(j):
                 p.grad = None
 
-    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def pack(self, home: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy each parameter's gradient (zeros where it has none; sparse made dense) into the
         buffer with one fused copy; returns views (gradients, presence flags)."""
         device = self.params[0].device
-        buf = self.flat(device)
+        buf = self.flat(device, home)
         grads, presence = buf[:self.numel], buf[self.numel:]
         srcs: list[torch.Tensor] = []
         present: list[float] = []

@@ -128,6 +128,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._start_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._checked_generation = -1
+        self._home: Any = None          # this generation's shared buffers (see Bucket.flat)
         self._t_mark: float | None = None   # end of the last step: where this one's compute began
         self._comm_mark = 0.0
         self._build()
@@ -401,9 +402,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for hook in list(self._start_hooks.values()):
                 hook(self)
             self._check_layout()
+        if bucket.index == 0 or self._home is None:
+            self._home = _comm.shared_buffers(self.group)
         if self.gradient_as_bucket_view:
-            bucket.adopt()
+            bucket.adopt(self._home)
         else:
-            bucket.pack()
+            bucket.pack(self._home)
         self._pending.append((bucket, self._compressor.start(bucket, self.op)))
         self._next_launch = bucket.index + 1

@@ -1,0 +1,128 @@
+"""Tensors in shared memory that the other ranks of the host can read in place.
+
+A rank allocates a long-lived buffer it reduces often (a gradient bucket) with `empty`; the
+memory is a file under /dev/shm next to the group's segment, ``<segment>.b<local rank>.<seq>``,
+so every name stays under the job's prefix and the launcher removes what a crash leaves. An
+allreduce of such a tensor (`ShmAllreduce.allreduce_`) tells the peers where it lives with one
+signature word (`locate`); when every rank's tensor is shared, the peers read and write each
+other's buffers directly and nothing is copied through the segment's slots. Peers map a
+buffer on first use (`peer`); its owner removes the name after that op, once every peer has it
+mapped (`mapped`). Memory stays valid while any tensor views it, after `close` too.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import torch
+
+from ..errors import ConfigError, WorkerLost
+
+__all__ = ["SharedBuffers"]
+
+_OFF_BITS = 40                  # location word: seq << 40 | byte offset (buffers < 1 TiB)
+_MAX_SEQ = 1 << 22
+
+
+class SharedBuffers:
+    """This rank's shared buffers in one group, and its mappings of the peers' ones."""
+
+    def __init__(self, prefix: str, local_rank: int, generation: int | None = None) -> None:
+        self.prefix, self.local_rank, self.generation = prefix, local_rank, generation
+        self._own: list[tuple[int, int, int]] = []     # (data_ptr, nbytes, seq)
+        self._named: dict[int, str] = {}               # seq -> path not yet unlinked
+        self._keep: dict[int, mmap.mmap] = {}
+        self._peers: dict[tuple[int, int], torch.Tensor] = {}
+        self._seq = 0
+        self.closed = False
+
+    def _path(self, local_rank: int, seq: int) -> str:
+        return f"{self.prefix}.b{local_rank}.{seq}"
+
+    def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised flat CPU tensor of `numel` elements in a new shared buffer."""
+        if self.closed:
+            raise ConfigError("SharedBuffers.empty: the group is closed; allocate in the "
+                              "current generation's group")
+        if self._seq >= _MAX_SEQ:
+            raise ConfigError(f"SharedBuffers.empty: more than {_MAX_SEQ} buffers in one group")
+        esize = torch.empty((), dtype=dtype).element_size()
+        nbytes = max(1, numel) * esize
+        seq, path = self._seq, self._path(self.local_rank, self._seq)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        self._seq += 1
+        t = torch.frombuffer(mm, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+        self._keep[seq] = mm            # the tensor holds the mapping too; this is for locate
+        self._named[seq] = path
+        self._own.append((t.data_ptr(), numel * esize, seq))
+        return t
+
+    def locate(self, t: torch.Tensor) -> int:
+        """The location word of contiguous CPU tensor `t` if it lies in one of this rank's
+        buffers (what peers pass to `peer`), else -1."""
+        if self.closed or not self._own or t.device.type != "cpu":
+            return -1
+        p, n = t.data_ptr(), t.numel() * t.element_size()
+        for base, size, seq in self._own:
+            if base <= p and p + n <= base + size:
+                return seq << _OFF_BITS | (p - base)
+        return -1
+
+    def peer(self, local_rank: int, word: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Local peer `local_rank`'s tensor at location `word` (from its `locate`)."""
+        seq, off = word >> _OFF_BITS, word & ((1 << _OFF_BITS) - 1)
+        base = self._peers.get((local_rank, seq))
+        if base is None:
+            base = self._map(local_rank, seq)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if off % torch.empty((), dtype=dtype).element_size() or off + nbytes > base.numel():
+            raise WorkerLost(f"local rank {local_rank} named bytes [{off}, {off + nbytes}) of its "
+                             f"shared buffer {seq}, which holds {base.numel()} bytes",
+                             generation=self.generation)
+        return base[off:off + nbytes].view(dtype)
+
+    def _map(self, local_rank: int, seq: int) -> torch.Tensor:
+        path = self._path(local_rank, seq)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise WorkerLost(f"could not map local rank {local_rank}'s shared buffer {path}: "
+                             f"{e}", generation=self.generation) from e
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        base = torch.frombuffer(mm, dtype=torch.uint8)
+        self._peers[(local_rank, seq)] = base
+        return base
+
+    def mapped(self, word: int) -> None:
+        """Every peer has mapped the buffer at `word`: its name can go."""
+        path = self._named.pop(word >> _OFF_BITS, None)
+        if path is not None:
+            _unlink(path)
+
+    def close(self) -> None:
+        """Remove this rank's remaining names and forget every mapping (the memory lives on
+        while tensors view it)."""
+        for path in self._named.values():
+            _unlink(path)
+        self._named, self._peers, self._keep, self._own = {}, {}, {}, []
+        self.closed = True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -67,11 +67,14 @@ for kind, k, comp in CONFIGS:
     key = f"{kind}-k{k}-{comp}"
     # gradients as bucket views (default), then the copy path and views with zeroed gradients:
     # all three must give the same bits
-    for view, none, suffix in ((True, True, ""), (False, True, "-copy"), (True, False, "-zeroed")):
+    # (reduced inline, as on this machine by default; and once on the comm thread)
+    for view, none, suffix in ((True, True, ""), (False, True, "-copy"), (True, False, "-zeroed"),
+                               (True, True, "-thread")):
         m = model()
         opt = DistributedOptimizer(make_opt(kind, m), model=m, backward_passes_per_step=k,
                                    compression=comp, bucket_cap_mb=0.001,
-                                   gradient_as_bucket_view=view)
+                                   gradient_as_bucket_view=view,
+                                   comm_thread=True if suffix == "-thread" else None)
         out[key + suffix] = run(m, opt, x[:, :, r * B:(r + 1) * B], y[:, :, r * B:(r + 1) * B],
                                 k, set_to_none=none)
         if view:
@@ -142,10 +145,10 @@ def test_equivalence_identity_unused_and_misuse(job, tmp_path: Path, n: int) -> 
     _check(job(EQUIVALENCE, n, script_args=(str(tmp_path),), timeout=100))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(n)]
     for key, snaps in outs[0].items():
-        if key.endswith(("-ref", "-copy", "-zeroed", "-views")) or key.startswith(
+        if key.endswith(("-ref", "-copy", "-zeroed", "-thread", "-views")) or key.startswith(
                 ("unused", "misuse")):
             continue
-        for other in ("-copy", "-zeroed"):   # bucket views change no bit of the result
+        for other in ("-copy", "-zeroed", "-thread"):   # no bit of the result changes
             assert torch.equal(snaps, outs[0][key + other]), f"{key}{other} differs from {key}"
         assert outs[0][key + "-views"] and outs[0][key + "-zeroed-views"], key
         for r in range(1, n):          # every rank, after every step: the same bits

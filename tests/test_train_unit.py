@@ -115,6 +115,7 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], ThreadWorld]:
         for fn in ("rank", "allreduce_async_", "allreduce", "allgather_async", "broadcast_",
                    "broadcast_object", "allgather_object"):
             monkeypatch.setattr(_comm, fn, getattr(w, fn))
+        monkeypatch.setattr(_comm, "allreduce_now_", w.allreduce_async_)
         monkeypatch.setattr(_comm, "size", lambda: w.size)
         monkeypatch.setattr(_comm, "generation", lambda: 1)
         return w
@@ -384,6 +385,38 @@ def test_shard_indices() -> None:
 
 
 @pytest.mark.parametrize("views", [False, True])
+def test_inline_reduction_failing_inside_backward(
+        world: Callable[[int], ThreadWorld], monkeypatch: pytest.MonkeyPatch, views: bool) -> None:
+    """comm_thread=False: a reduction that fails in a gradient hook stops backward; whichever
+    path holds the gradients they are incomplete, so step() refuses until a new backward,
+    and then trains as usual."""
+    w = world(1)
+    m = _model()
+    opt = DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), model=m,
+                               bucket_cap_mb=0.001, gradient_as_bucket_view=views,
+                               comm_thread=False)
+    x, y = _data(2, 8)
+
+    def lost(t: torch.Tensor, op: str, name: str | None = None, group: Any = None) -> Any:
+        raise PhalanxError("peer lost")
+
+    monkeypatch.setattr(_comm, "allreduce_now_", lost)
+    with pytest.raises(PhalanxError, match="peer lost"):
+        torch.nn.functional.cross_entropy(m(x[0]), y[0]).backward()
+    with pytest.raises(PhalanxError, match="inside backward.*redo zero_grad"):
+        opt.step()
+    monkeypatch.setattr(_comm, "allreduce_now_", w.allreduce_async_)
+    ref = _model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for model, o in ((m, opt), (ref, ref_opt)):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[1]), y[1]).backward()
+        o.step()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("views", [False, True])
 def test_failed_reduction_keeps_or_drops_local_grads(
         world: Callable[[int], ThreadWorld], monkeypatch: pytest.MonkeyPatch, views: bool) -> None:
     """Copy path: a failed reduction leaves p.grad as it was and step() retries it. Bucket
@@ -400,11 +433,13 @@ def test_failed_reduction_keeps_or_drops_local_grads(
             raise PhalanxError("peer lost")
 
     monkeypatch.setattr(_comm, "allreduce_async_", lambda t, op, name=None, group=None: Lost())
+    monkeypatch.setattr(_comm, "allreduce_now_", lambda t, op, name=None, group=None: Lost())
     torch.nn.functional.cross_entropy(m(x[0]), y[0]).backward()
     before = [p.grad.clone() for p in m.parameters()]
     with pytest.raises(PhalanxError, match="peer lost"):
         opt.step()
     monkeypatch.setattr(_comm, "allreduce_async_", w.allreduce_async_)
+    monkeypatch.setattr(_comm, "allreduce_now_", w.allreduce_async_)
     if not views:
         assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
         opt.step()                                 # retried with the same local gradients

@@ -38,6 +38,38 @@ def allreduce_async_(t: torch.Tensor, op: str, name: str | None = None,
     return px.allreduce_async_(t, op=op, name=name, group=group)
 
 
+class _Finished:
+    """The handle of a collective that already ran."""
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def wait(self) -> Any:
+        return self._value
+
+
+def allreduce_now_(t: torch.Tensor, op: str, name: str | None = None,
+                   group: Any = None) -> Handle:
+    """In-place allreduce of `t` on the calling thread (after any queued async work, in
+    order); returns an already finished handle."""
+    import phalanx as px
+    return _Finished(px.allreduce_(t, op=op, name=name, group=group))
+
+
+def cores_per_worker() -> float:
+    """CPU cores this worker can count on: its affinity when pinned, else the host's cores
+    shared among the job's workers on this host."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if cores < (os.cpu_count() or cores):
+        return float(cores)
+    from .. import runtime
+    rt = runtime.active()
+    local = rt.group.place.local_size if rt is not None and rt.group is not None else 1
+    return cores / max(1, local)
+
+
 def allgather_async(t: torch.Tensor, group: Any = None) -> Handle:
     """Start an allgather of `t` along dim 0; `wait()` returns the concatenation."""
     import phalanx as px

@@ -67,6 +67,15 @@ class _OnGroup:
     """The `px.new_group` subgroup to reduce among (None: the whole job), set by
     DistributedOptimizer."""
 
+    inline: bool = False
+    """Reduce on the calling thread instead of the comm thread (set by DistributedOptimizer,
+    see its `comm_thread`)."""
+
+    def _allreduce(self, t: torch.Tensor, op: str, name: str) -> _comm.Handle:
+        if self.inline:
+            return _comm.allreduce_now_(t, op=op, name=name, group=self.group)
+        return _comm.allreduce_async_(t, op=op, name=name, group=self.group)
+
 
 class NoCompression(_OnGroup):
     """Allreduce the bucket's flat buffer (gradients and presence flags) as it is."""
@@ -74,7 +83,7 @@ class NoCompression(_OnGroup):
     def start(self, bucket: Bucket, op: str) -> Pending:
         assert bucket.buffer is not None
         name = f"grad.bucket{bucket.index}"
-        return _Done(_comm.allreduce_async_(bucket.buffer, op=op, name=name, group=self.group))
+        return _Done(self._allreduce(bucket.buffer, op, name))
 
 
 class CastCompression(_OnGroup):
@@ -87,11 +96,9 @@ class CastCompression(_OnGroup):
         buf = bucket.buffer
         assert buf is not None
         if buf.dtype == self.dtype or not buf.is_floating_point():
-            return _Done(_comm.allreduce_async_(buf, op=op, name=f"grad.bucket{bucket.index}",
-                                                group=self.group))
+            return _Done(self._allreduce(buf, op, f"grad.bucket{bucket.index}"))
         wire = buf.to(self.dtype)
-        handle = _comm.allreduce_async_(wire, op=op, name=f"grad.bucket{bucket.index}",
-                                        group=self.group)
+        handle = self._allreduce(wire, op, f"grad.bucket{bucket.index}")
         return _Done(handle, lambda _: buf.copy_(wire))
 
 

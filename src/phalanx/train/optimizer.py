@@ -49,8 +49,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     Gradients are fused into buckets of `bucket_cap_mb`. With `overlap=True` (default) a
     bucket is reduced as soon as backward has produced all its gradients; `overlap=False`
-    reduces everything after backward (on a 2-core machine with 2 workers the two measured the
-    same, within noise).
+    reduces everything after backward.
+
+    `comm_thread` says where reductions run. True: on the runtime's comm thread, so backward
+    goes on meanwhile, which needs a core (or a GPU) to spare. False: on the calling thread,
+    inside backward's gradient hooks as each bucket becomes ready. With one core per worker the
+    comm thread can only take turns with backward on that core, and measured slower than
+    reducing inline (BENCHMARKS.md). None (default): inline for CPU training when this worker
+    has no core beyond its torch threads (`torch.get_num_threads()`), else the comm thread.
+    On one host, CPU buckets live in shared memory that the peers reduce in place.
 
     With `gradient_as_bucket_view=True` (default) each `p.grad` becomes a view into its bucket
     at the first reduction and stays one: the reduced gradient is written in place, so there is
@@ -72,7 +79,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  op: str = "avg", compression: str = "none", topk_ratio: float = 0.01,
                  bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
                  overlap: bool = True, gradient_as_bucket_view: bool = True,
-                 foreach: bool = True, group: Subgroup | None = None) -> None:
+                 foreach: bool = True, group: Subgroup | None = None,
+                 comm_thread: bool | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer={type(optimizer).__name__} is not a "
                               "torch.optim.Optimizer; pass e.g. "
@@ -95,6 +103,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not (isinstance(backward_passes_per_step, int) and backward_passes_per_step >= 1):
             raise ConfigError(f"backward_passes_per_step={backward_passes_per_step!r} must be an "
                               "int >= 1; use 1 to reduce after every backward")
+        if comm_thread not in (None, True, False):
+            raise ConfigError(f"comm_thread={comm_thread!r} must be True, False or None (pick "
+                              "by the cores this worker has)")
         if model is not None and named_parameters is not None:
             raise ConfigError("pass model= or named_parameters=, not both")
         self._opt = optimizer
@@ -102,6 +113,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.bucket_cap_mb = bucket_cap_mb
         self.backward_passes_per_step = backward_passes_per_step
         self.overlap = overlap
+        self.comm_thread = comm_thread
         self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
         self._lost: str | None = None   # why this step's gradients are gone (see synchronize)
         self.group = group
@@ -129,6 +141,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._start_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._checked_generation = -1
         self._home: Any = None          # this generation's shared buffers (see Bucket.flat)
+        self._handled: BaseException | None = None   # a failure _launch already dealt with
         self._t_mark: float | None = None   # end of the last step: where this one's compute began
         self._comm_mark = 0.0
         self._build()
@@ -219,7 +232,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for _, handle in self._pending:
                 handle.wait()
         except BaseException as e:
-            self._failed([b for b, _ in self._pending], e)
+            if e is not self._handled:
+                self._failed([b for b, _ in self._pending], e)
+            self._handled = None
             raise
         pending, self._pending = self._pending, []
         for bucket, _ in pending:
@@ -372,8 +387,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
         missing[bi] -= 1
         if missing[bi] == 0 and bi == self._next_launch and self.overlap:
             buckets = self._buckets
-            while self._next_launch < len(buckets) and missing[self._next_launch] == 0:
-                self._launch(buckets[self._next_launch])
+            try:
+                while self._next_launch < len(buckets) and missing[self._next_launch] == 0:
+                    self._launch(buckets[self._next_launch])
+            except BaseException as e:
+                self._interrupted(e)
+                raise
+
+    def _interrupted(self, error: BaseException) -> None:
+        """A reduction started from a gradient hook failed, so backward did not finish: the
+        local gradients are incomplete whichever path holds them."""
+        if error is not self._handled:
+            self._failed([b for b, _ in self._pending], error)
+        self._handled = None
+        self._touched = False
+        self._lost = (f"DistributedOptimizer: a gradient reduction failed inside backward() "
+                      f"({type(error).__name__}: {error}), so backward did not finish and this "
+                      "step's gradients are incomplete; redo zero_grad(), forward and backward "
+                      "before step() (the elastic loop does)")
 
     def _where_name(self, p: torch.Tensor) -> str:
         bi, j = self._where[p]
@@ -404,9 +435,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._check_layout()
         if bucket.index == 0 or self._home is None:
             self._home = _comm.shared_buffers(self.group)
+            self._compressor.inline = self._inline(bucket)
         if self.gradient_as_bucket_view:
             bucket.adopt(self._home)
         else:
             bucket.pack(self._home)
-        self._pending.append((bucket, self._compressor.start(bucket, self.op)))
+        try:
+            self._pending.append((bucket, self._compressor.start(bucket, self.op)))
+        except BaseException as e:       # an inline reduction failed (inside backward)
+            self._failed([b for b, _ in self._pending] + [bucket], e)
+            self._handled = e
+            raise
         self._next_launch = bucket.index + 1
+
+    def _inline(self, bucket: Bucket) -> bool:
+        """Reduce on the calling thread? (see `comm_thread`)"""
+        if self.comm_thread is not None:
+            return not self.comm_thread
+        if bucket.params[0].device.type != "cpu":
+            return False
+        return _comm.cores_per_worker() < torch.get_num_threads() + 1

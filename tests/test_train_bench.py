@@ -76,6 +76,21 @@ def test_bench_train_runs_and_writes_json(tmp_path: Path) -> None:
         assert 0.5 * ph["step"] < parts < 1.5 * ph["step"], (mode, ph)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_step_parts_times_every_mode() -> None:
+    """`phalanx.bench.step_parts`: every mode timed on both ranks, and the summary line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    res = subprocess.run([sys.executable, "-m", "phalanx.launch.cli", "run", "-np", "2",
+                          sys.executable, "-m", "phalanx.bench.step_parts", "many", "1"],
+                         env=env, capture_output=True, text=True, timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    for mode in ("free", "lockstep", "reduce-only", "thread", "inline"):
+        assert re.search(rf"{mode} +rank 0: step +[0-9.]+ .*\| rank 1: step", out), (mode, out)
+    assert "inline / thread step time:" in out, out
+
+
 def test_bench_train_rejects_bad_models() -> None:
     from phalanx.bench import train
     with pytest.raises(SystemExit):

@@ -1,6 +1,6 @@
 """Where a 2-worker training step's time goes, measured by taking parts away inside one job.
 
-    phalanx run -np 2 python -m phalanx.bench.step_parts mlp    # or many
+    phalanx run -np 2 python -m phalanx.bench.step_parts mlp [ROUNDS]    # or many
 
 On the `bench train` model (batch 32 per worker, one core and one torch thread each), rank 0
 prints the median step time and its phases, per rank, for:
@@ -128,4 +128,4 @@ def main(model_name: str, rounds: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "mlp")
+    main(sys.argv[1] if len(sys.argv) > 1 else "mlp", int(sys.argv[2]) if len(sys.argv) > 2 else 8)

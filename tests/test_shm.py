@@ -441,3 +441,49 @@ def test_argument_validation(shm_path):
     # reopening a used segment is refused: its flags are not fresh
     with pytest.raises(ConfigError, match="stale"):
         ShmAllreduce(shm_path, 0, 1, capacity_bytes=CAP, timeout=1.0)
+
+
+_FULL_SHM = r"""
+import logging, os, sys, torch
+from phalanx.comm.shmbuf import SharedBuffers
+from phalanx.train.buckets import build_buckets
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+home = SharedBuffers(sys.argv[1] + "/seg", 0)
+small = home.empty(1000, torch.float32)          # fits
+try:
+    home.empty(1 << 20, torch.float32)            # 4 MiB on a 1 MiB tmpfs
+    print("NO ERROR")
+except OSError as e:
+    print("ENOSPC", e.errno)
+w = torch.nn.Parameter(torch.zeros(1 << 20))
+(bucket,) = build_buckets([("w", w)], 1 << 30)
+w.grad = torch.ones(1 << 20)
+grads, _ = bucket.adopt(home)
+print("FALLBACK", home.locate(bucket.buffer), bool(grads.sum() == (1 << 20)))
+home.close()
+print("LEFT", sorted(os.listdir(sys.argv[1])))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_full_shm_falls_back_to_private_buckets(tmp_path):
+    """On a /dev/shm too small for a bucket (a real 1 MiB tmpfs in a private mount namespace),
+    the buffer reserve fails with ENOSPC up front (no SIGBUS later), the bucket falls back to
+    private memory with a warning naming the fix, and nothing is left behind."""
+    import shutil
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs in a private namespace")
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    env = {**os.environ, "PYTHONPATH": _SRC}
+    res = subprocess.run(["unshare", "-m", "sh", "-c",
+                          f"mount -t tmpfs -o size=1m none {mnt} && exec {sys.executable} "
+                          f"-c \"$0\" {mnt}", _FULL_SHM], env=env, capture_output=True,
+                         text=True, timeout=50)
+    if "mount:" in res.stderr and res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    assert res.returncode == 0, res.stderr
+    assert "ENOSPC 28" in res.stdout, res.stdout
+    assert "does not fit in shared memory" in res.stdout and "--shm-size" in res.stdout
+    assert "FALLBACK -1 True" in res.stdout, res.stdout
+    assert "LEFT []" in res.stdout, res.stdout

@@ -41,7 +41,9 @@ class SharedBuffers:
         return f"{self.prefix}.b{local_rank}.{seq}"
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised flat CPU tensor of `numel` elements in a new shared buffer."""
+        """An uninitialised flat CPU tensor of `numel` elements in a new shared buffer.
+
+        Raises OSError when /dev/shm cannot hold it."""
         if self.closed:
             raise ConfigError("SharedBuffers.empty: the group is closed; allocate in the "
                               "current generation's group")
@@ -52,7 +54,12 @@ class SharedBuffers:
         seq, path = self._seq, self._path(self.local_rank, self._seq)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, nbytes)
+            # Reserve the pages now: on a full /dev/shm this raises ENOSPC here, where the
+            # caller can fall back to private memory, instead of SIGBUS at a later write.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
             mm = mmap.mmap(fd, nbytes)
         except BaseException:
             os.unlink(path)

@@ -8,10 +8,13 @@ same collectives in the same order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+log = logging.getLogger("phalanx.train")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,8 +56,9 @@ class Bucket:
         if (self.buffer is None or self.buffer.device != device
                 or (home is not None and home is not self.home)):
             n = self.numel + len(self.params)
-            self.buffer = (home.empty(n, self.dtype) if home is not None else
-                           torch.empty(n, dtype=self.dtype, device=device))
+            self.buffer = _shared(home, n, self.dtype, self.index) if home is not None else None
+            if self.buffer is None:
+                self.buffer = torch.empty(n, dtype=self.dtype, device=device)
             self.home = home
             self.views = [self.buffer[o:o + p.numel()].view_as(p)
                           for o, p in zip(self.offsets, self.params)]
@@ -153,6 +157,18 @@ class Bucket:
                 p.grad = src.clone()
         if dsts:
             torch._foreach_copy_(dsts, srcs)
+
+
+def _shared(home: Any, n: int, dtype: torch.dtype, index: int) -> torch.Tensor | None:
+    """A buffer in `home`'s shared memory, or None (with a warning) where it does not fit."""
+    try:
+        return home.empty(n, dtype)  # type: ignore[no-any-return]
+    except OSError as e:
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        log.warning("DistributedOptimizer: bucket %d (%d bytes) does not fit in shared memory "
+                    "(%s): it reduces through the copy path instead; give /dev/shm more room "
+                    "(e.g. docker run --shm-size=2g) to reduce in place", index, nbytes, e)
+        return None
 
 
 def _is_view(g: torch.Tensor | None, v: torch.Tensor) -> bool:

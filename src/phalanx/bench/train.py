@@ -21,6 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from phalanx.bench.train_modes import (
+    meet,
+    parse_result,
+    run_horovodrun,
+    run_independent,
+    worker_env,
+)
+
 MODELS = ("mlp", "many")
 """mlp: 4 Linear layers, ~9.4M parameters; many: 128 residual blocks of Linear(64)+LayerNorm."""
 
@@ -121,7 +129,7 @@ def _worker(args: argparse.Namespace) -> None:
         opt.step()
 
     if args.ready_dir:          # independent runs: start together, each on its own core
-        _meet(Path(args.ready_dir), rank, args.world)
+        meet(Path(args.ready_dir), rank, args.world)
     for _ in range(args.warmup):
         step()
     barrier()
@@ -139,17 +147,6 @@ def _worker(args: argparse.Namespace) -> None:
                                      "phases_ms": _phases_ms(args)}), flush=True)
     if args.worker == "ddp":
         dist.destroy_process_group()
-
-
-def _meet(where: Path, rank: int, n: int, timeout: float = 120.0) -> None:
-    """Wait until all `n` independent processes have started (a file each in `where`)."""
-    (where / f"ready.{rank}").touch()
-    deadline = time.monotonic() + timeout
-    while len(list(where.glob("ready.*"))) < n:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench train: only {len(list(where.glob('ready.*')))} of {n} "
-                             f"independent processes started within {timeout:.0f} s")
-        time.sleep(0.01)
 
 
 def _phases_ms(args: argparse.Namespace) -> dict[str, float] | None:
@@ -179,21 +176,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _parse_result(outputs: list[str], what: str) -> dict[str, Any]:
-    for out in outputs:
-        for line in out.splitlines():
-            if "BENCH " in line:
-                return dict(json.loads(line.split("BENCH ", 1)[1]))
-    raise RuntimeError(f"{what} produced no result; its output was:\n" + "\n".join(outputs))
-
-
 def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     common = [__file__, "--worker", mode, "--model", model, "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
@@ -201,25 +183,25 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
     timeout = 600
     if mode in ("phalanx", "phalanx-copy", "horovod"):
         cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *common]
-        p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(),
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=worker_env(),
                            timeout=timeout)
         if p.returncode != 0:
             raise RuntimeError(f"phalanx run failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-        return _parse_result([p.stdout], mode)
+        return parse_result([p.stdout], mode)
     if mode == "horovod-real":
-        return _run_horovodrun(common, n, timeout)
+        return run_horovodrun(common, n, timeout)
     if mode == "independent":
-        return _run_independent(common, n, timeout)
+        return run_independent(common, n, timeout)
     if mode == "single":
         p = subprocess.run([sys.executable, *common], check=False, capture_output=True,
-                           text=True, env=_env(), timeout=timeout)
+                           text=True, env=worker_env(), timeout=timeout)
         if p.returncode != 0:
             raise RuntimeError(f"single-process run failed:\n{p.stdout}\n{p.stderr}")
-        return _parse_result([p.stdout], "single")
+        return parse_result([p.stdout], "single")
     port = _free_port()
     workers = [subprocess.Popen([sys.executable, *common, "--rank", str(r), "--world", str(n),
                                "--port", str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=_env()) for r in range(n)]
+                              stderr=subprocess.STDOUT, text=True, env=worker_env()) for r in range(n)]
     outs = []
     try:
         for w in workers:
@@ -231,46 +213,7 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
                 w.wait()
     if any(w.returncode != 0 for w in workers):
         raise RuntimeError("DDP run failed:\n" + "\n".join(outs))
-    return _parse_result(outs, "ddp")
-
-
-def _run_independent(common: list[str], n: int, timeout: float) -> dict[str, Any]:
-    """`n` one-process runs at once, each on its own core, sharing nothing but the machine:
-    their summed samples/s is what the hardware allows `n` workers with no communication."""
-    import tempfile
-    common = [c if c != "independent" else "single" for c in common]
-    with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as ready:
-        procs = [subprocess.Popen([sys.executable, *common, "--rank", str(r), "--world", str(n),
-                                   "--ready-dir", ready], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, env=_env())
-                 for r in range(n)]
-        try:
-            outs = [p.communicate(timeout=timeout)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    if any(p.returncode != 0 for p in procs):
-        raise RuntimeError("independent runs failed:\n" + "\n".join(outs))
-    each = [_parse_result([o], "independent") for o in outs]
-    return {**each[0], "samples_per_s": sum(e["samples_per_s"] for e in each),
-            "step_ms": sum(e["step_ms"] for e in each) / n}
-
-
-def _run_horovodrun(common: list[str], n: int, timeout: float) -> dict[str, Any]:
-    """Real Horovod (`import horovod.torch`), launched on this host with its own horovodrun."""
-    import shutil
-    launcher = shutil.which("horovodrun")
-    if launcher is None:
-        raise RuntimeError("--real-horovod: horovodrun is not on PATH; install Horovod "
-                           "(BENCHMARKS.md says how to build 0.28.1 against this torch)")
-    p = subprocess.run([launcher, "-np", str(n), "-H", f"localhost:{n}", "--gloo",
-                        sys.executable, *common], check=False, capture_output=True, text=True,
-                       env=_env(), timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"horovodrun failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return _parse_result([p.stdout], "horovod-real")
+    return parse_result(outs, "ddp")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .compression import COMPRESSIONS
 from .helpers import broadcast_optimizer_state, broadcast_parameters, metric_average, shard_indices
-from .optimizer import OPS, DistributedOptimizer
+from .optimizer import DistributedOptimizer
+from .options import OPS
 
 __all__ = ["COMPRESSIONS", "OPS", "DistributedOptimizer", "broadcast_optimizer_state",
            "broadcast_parameters", "metric_average", "shard_indices"]

@@ -13,28 +13,24 @@ the same order, ranks never issue mismatched collectives, whatever subset of par
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from torch.utils.hooks import RemovableHandle
 
-from ..comm.ops import REDUCE_OPS
 from ..errors import CollectiveMismatch, ConfigError, PhalanxError
 from . import _comm
 from .buckets import Bucket, build_buckets, layout_mismatch
-from .compression import COMPRESSIONS, Compressor, Pending, make_compressor
+from .compression import Compressor, Pending, make_compressor
 from .helpers import prefer_foreach
+from .options import check_options
 
 if TYPE_CHECKING:
     from ..subgroups import Subgroup
-
-OPS = REDUCE_OPS
-"""Valid values of `DistributedOptimizer(op=...)`."""
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -81,33 +77,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  overlap: bool = True, gradient_as_bucket_view: bool = True,
                  foreach: bool = True, group: Subgroup | None = None,
                  comm_thread: bool | None = None) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer={type(optimizer).__name__} is not a "
-                              "torch.optim.Optimizer; pass e.g. "
-                              "torch.optim.SGD(model.parameters(), lr=0.1)")
         if isinstance(optimizer, DistributedOptimizer):
             raise ConfigError("optimizer is already a DistributedOptimizer; wrap the plain torch "
                               "optimizer only once")
-        if op not in OPS:
-            raise ConfigError(f"op={op!r} is not one of {OPS}; use 'avg' to average gradients")
-        if compression not in COMPRESSIONS:
-            raise ConfigError(f"compression={compression!r} is not one of {COMPRESSIONS}; "
-                              "use 'none' for exact averaging or 'fp16' to halve traffic")
-        if compression in ("1bit", "topk") and op not in ("avg", "sum"):
-            raise ConfigError(f"compression={compression!r} supports op 'avg' or 'sum', got "
-                              f"op={op!r}; use compression='none' with op={op!r}")
-        if not 0 < topk_ratio <= 1:
-            raise ConfigError(f"topk_ratio={topk_ratio!r} must be in (0, 1]; e.g. 0.01 keeps 1%")
-        if not bucket_cap_mb > 0:
-            raise ConfigError(f"bucket_cap_mb={bucket_cap_mb!r} must be > 0; the default is 25")
-        if not (isinstance(backward_passes_per_step, int) and backward_passes_per_step >= 1):
-            raise ConfigError(f"backward_passes_per_step={backward_passes_per_step!r} must be an "
-                              "int >= 1; use 1 to reduce after every backward")
-        if comm_thread not in (None, True, False):
-            raise ConfigError(f"comm_thread={comm_thread!r} must be True, False or None (pick "
-                              "by the cores this worker has)")
-        if model is not None and named_parameters is not None:
-            raise ConfigError("pass model= or named_parameters=, not both")
+        check_options(optimizer, op=op, compression=compression, topk_ratio=topk_ratio,
+                      bucket_cap_mb=bucket_cap_mb,
+                      backward_passes_per_step=backward_passes_per_step,
+                      comm_thread=comm_thread, model=model, named_parameters=named_parameters)
         self._opt = optimizer
         self.op, self.compression, self.topk_ratio = op, compression, topk_ratio
         self.bucket_cap_mb = bucket_cap_mb

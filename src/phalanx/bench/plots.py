@@ -72,12 +72,14 @@ def allreduce(result: dict[str, Any], path: str | Path) -> Path:
 
 def train(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Samples/s per model for one process, DDP and phalanx (and the copy path, the Horovod
-    facade and real Horovod when they were measured), efficiency over the bars; with step phases, a second panel of where a step's
-    time goes in each phalanx mode."""
+    facade, real Horovod and independent processes when they were measured), efficiency over
+    the bars; with step phases, a second panel of where a step's time goes in each phalanx
+    mode."""
     plt = _pyplot()
     modes = [(k, n) for k, n in (("single", "1 process"), ("ddp", "torch DDP"),
                                  ("phalanx_copy", "phalanx, copy path"), ("phalanx", "phalanx"),
-                                 ("horovod", "Horovod facade"), ("horovod_real", "real Horovod"))
+                                 ("horovod", "Horovod facade"), ("horovod_real", "real Horovod"),
+                                 ("independent", "independent (no comm)"))
              if rows and f"{k}_samples_per_s" in rows[0]]
     phased = [(r["model"], m, ph) for r in rows for m, ph in r.get("phases_ms", {}).items()]
     fig, axes = plt.subplots(1, 2 if phased else 1, figsize=(12 if phased else 7, 4.2),

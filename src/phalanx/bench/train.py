@@ -24,6 +24,7 @@ from typing import Any
 from phalanx.bench.train_modes import (
     meet,
     parse_result,
+    run_all,
     run_horovodrun,
     run_independent,
     worker_env,
@@ -199,20 +200,8 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
             raise RuntimeError(f"single-process run failed:\n{p.stdout}\n{p.stderr}")
         return parse_result([p.stdout], "single")
     port = _free_port()
-    workers = [subprocess.Popen([sys.executable, *common, "--rank", str(r), "--world", str(n),
-                               "--port", str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=worker_env()) for r in range(n)]
-    outs = []
-    try:
-        for w in workers:
-            outs.append(w.communicate(timeout=timeout)[0])
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    if any(w.returncode != 0 for w in workers):
-        raise RuntimeError("DDP run failed:\n" + "\n".join(outs))
+    outs = run_all([[sys.executable, *common, "--rank", str(r), "--world", str(n), "--port",
+                     str(port)] for r in range(n)], timeout, "DDP run")
     return parse_result(outs, "ddp")
 
 

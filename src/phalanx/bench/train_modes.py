@@ -39,25 +39,31 @@ def parse_result(outputs: list[str], what: str) -> dict[str, Any]:
     raise RuntimeError(f"{what} produced no result; its output was:\n" + "\n".join(outputs))
 
 
+def run_all(cmds: list[list[str]], timeout: float, what: str) -> list[str]:
+    """Start every command at once, wait for all; their outputs (stderr merged), in order.
+    Raises RuntimeError with every output if any fails; none outlives this call."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=worker_env()) for cmd in cmds]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError(f"{what} failed:\n" + "\n".join(outs))
+    return outs
+
+
 def run_independent(common: list[str], n: int, timeout: float) -> dict[str, Any]:
     """`n` one-process runs at once, each on its own core, sharing nothing but the machine:
     their summed samples/s is what the hardware allows `n` workers with no communication."""
     import tempfile
     common = [c if c != "independent" else "single" for c in common]
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as ready:
-        procs = [subprocess.Popen([sys.executable, *common, "--rank", str(r), "--world", str(n),
-                                   "--ready-dir", ready], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, env=worker_env())
-                 for r in range(n)]
-        try:
-            outs = [p.communicate(timeout=timeout)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    if any(p.returncode != 0 for p in procs):
-        raise RuntimeError("independent runs failed:\n" + "\n".join(outs))
+        outs = run_all([[sys.executable, *common, "--rank", str(r), "--world", str(n),
+                         "--ready-dir", ready] for r in range(n)], timeout, "independent runs")
     each = [parse_result([o], "independent") for o in outs]
     return {**each[0], "samples_per_s": sum(e["samples_per_s"] for e in each),
             "step_ms": sum(e["step_ms"] for e in each) / n}

@@ -37,6 +37,11 @@ _BOOL_FN: dict[str, Callable[..., torch.Tensor]] = {
     "min": torch.logical_and}
 
 
+def _chunk(b0: int, b1: int, q: int, P: int) -> tuple[int, int]:
+    """Local rank q's part of block [b0, b1): the q-th of P near-equal contiguous chunks."""
+    return b0 + (b1 - b0) * q // P, b0 + (b1 - b0) * (q + 1) // P
+
+
 class ShmAllreduce(ShmSegment):
     """Allreduce and broadcast among the ranks of one host through one shared-memory segment.
 
@@ -69,7 +74,7 @@ class ShmAllreduce(ShmSegment):
         mine, peers = slots[me], [slots[q] for q in self._peers]
 
         def bounds(b0: int, b1: int) -> tuple[int, int]:
-            return b0 + (b1 - b0) * me // P, b0 + (b1 - b0) * (me + 1) // P
+            return _chunk(b0, b1, me, P)
 
         def copy_in(base: int, b0: int, b1: int) -> None:
             # Only the parts others reduce: rank r reads its own chunk from its tensor.
@@ -109,14 +114,14 @@ class ShmAllreduce(ShmSegment):
         every buffer unchanged until all peers have read it.
         """
         wheres = self._roots()
-        if where < 0 or min(wheres) < 0 or self.buffers is None:
+        if min(wheres) < 0 or self.buffers is None:
             return False
         me, P, n, dt = self.local_rank, self.local_size, flat.numel(), flat.dtype
         peers = {q: self.buffers.peer(q, wheres[q], n, dt) for q in self._peers}
         blk = max(1, self.block_bytes // flat.element_size())
         for b0 in range(0, n, blk):
             b1 = min(n, b0 + blk)
-            c0, c1 = b0 + (b1 - b0) * me // P, b0 + (b1 - b0) * (me + 1) // P
+            c0, c1 = _chunk(b0, b1, me, P)
             out = flat[c0:c1]
             for t in peers.values():
                 fn(out, t[c0:c1], out=out)
@@ -124,7 +129,7 @@ class ShmAllreduce(ShmSegment):
                 out.div_(P)
             self._sync()
             for q, t in peers.items():
-                d0, d1 = b0 + (b1 - b0) * q // P, b0 + (b1 - b0) * (q + 1) // P
+                d0, d1 = _chunk(b0, b1, q, P)
                 flat[d0:d1].copy_(t[d0:d1])
         self._sync()
         self.buffers.mapped(where)

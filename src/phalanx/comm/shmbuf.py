@@ -68,7 +68,9 @@ class SharedBuffers:
             os.close(fd)
         self._seq += 1
         t = torch.frombuffer(mm, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
-        self._keep[seq] = mm            # the tensor holds the mapping too; this is for locate
+        # Kept mapped for the group's life, so no later allocation can take these addresses
+        # and be taken by `locate` for this buffer.
+        self._keep[seq] = mm
         self._named[seq] = path
         self._own.append((t.data_ptr(), numel * esize, seq))
         return t

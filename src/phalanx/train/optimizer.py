@@ -1,9 +1,10 @@
 """DistributedOptimizer: data-parallel gradient averaging with fusion, overlap and compression.
 
 Wraps any `torch.optim.Optimizer`. A post-accumulate-grad hook on every trainable parameter marks
-its gradient ready during backward; fusion buckets (`buckets.py`) launch their asynchronous
-reduction strictly in bucket order as soon as every gradient in them is ready, so communication
-overlaps the rest of backward. `step()` launches whatever is left (zeros for parameters without a
+its gradient ready during backward; fusion buckets (`buckets.py`) launch their reduction
+strictly in bucket order as soon as every gradient in them is ready, so communication overlaps
+the rest of backward: on the comm thread, or inline in the hook when the worker has no core to
+spare (`comm_thread`). On one host, CPU buckets live in shared memory the peers reduce in place. `step()` launches whatever is left (zeros for parameters without a
 gradient, so unused parameters never hang), waits and calls the wrapped optimizer. By default
 gradients are views into the buckets (DDP's `gradient_as_bucket_view`): the reduction happens in
 place in `p.grad`, and nothing is unpacked afterwards. Because each rank launches every bucket exactly once per step in
@@ -117,7 +118,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._start_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._checked_generation = -1
         self._home: Any = None          # this generation's shared buffers (see Bucket.flat)
-        self._handled: BaseException | None = None   # a failure _launch already dealt with
         self._t_mark: float | None = None   # end of the last step: where this one's compute began
         self._comm_mark = 0.0
         self._build()
@@ -208,9 +208,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for _, handle in self._pending:
                 handle.wait()
         except BaseException as e:
-            if e is not self._handled:
-                self._failed([b for b, _ in self._pending], e)
-            self._handled = None
+            self._failed(self._buckets[:self._next_launch], e)
             raise
         pending, self._pending = self._pending, []
         for bucket, _ in pending:
@@ -373,9 +371,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _interrupted(self, error: BaseException) -> None:
         """A reduction started from a gradient hook failed, so backward did not finish: the
         local gradients are incomplete whichever path holds them."""
-        if error is not self._handled:
-            self._failed([b for b, _ in self._pending], error)
-        self._handled = None
+        self._failed(self._buckets[:self._next_launch], error)
         self._touched = False
         self._lost = (f"DistributedOptimizer: a gradient reduction failed inside backward() "
                       f"({type(error).__name__}: {error}), so backward did not finish and this "
@@ -408,21 +404,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
             _comm.check_live()
             for hook in list(self._start_hooks.values()):
                 hook(self)
+            if _comm.generation() != self._checked_generation:   # once per generation
+                self._home = _comm.shared_buffers(self.group)
+                self._compressor.inline = self._inline(bucket)
             self._check_layout()
-        if bucket.index == 0 or self._home is None:
-            self._home = _comm.shared_buffers(self.group)
-            self._compressor.inline = self._inline(bucket)
         if self.gradient_as_bucket_view:
             bucket.adopt(self._home)
         else:
             bucket.pack(self._home)
-        try:
-            self._pending.append((bucket, self._compressor.start(bucket, self.op)))
-        except BaseException as e:       # an inline reduction failed (inside backward)
-            self._failed([b for b, _ in self._pending] + [bucket], e)
-            self._handled = e
-            raise
+        # launched from here on, even if starting fails (an inline reduction may be half done)
         self._next_launch = bucket.index + 1
+        self._pending.append((bucket, self._compressor.start(bucket, self.op)))
 
     def _inline(self, bucket: Bucket) -> bool:
         """Reduce on the calling thread? (see `comm_thread`)"""

@@ -81,8 +81,12 @@ raises("add without dynamic", ValueError, lambda: hvd.add_process_set(trio))
 raises("non-member", ValueError, lambda: hvd.allreduce(me, process_set=other))
 raises("root outside the set", ValueError, lambda: hvd.broadcast(me, root_rank=other.ranks[0], process_set=mine))
 raises("unregistered set", ValueError, lambda: hvd.allreduce(me, process_set=hvd.ProcessSet([0, 1])))
-raises("optimizer on a foreign set", ValueError, lambda: hvd.DistributedOptimizer(
-    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), process_set=other))
+# as in Horovod, a rank outside the set may build the set's optimizer: it steps locally
+w = torch.nn.Parameter(torch.ones(1))
+foreign = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=0.5), process_set=other)
+w.grad = torch.full((1,), float(r))
+foreign.step()
+check("optimizer on a foreign set steps locally", w.item() == 1 - 0.5 * r, str(w))
 
 # each set trains its own replica: DistributedOptimizer averages over the set's ranks only
 def net():

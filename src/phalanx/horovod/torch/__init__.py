@@ -11,11 +11,12 @@ these differences (each module's docstring has the details):
 
 - operations are matched by name as in Horovod (ranks may submit them in different orders),
   but negotiated when a result is needed (`synchronize`, `poll`, the synchronous forms,
-  `barrier`, `join`) rather than by a background thread, so `poll()` of a queued operation
-  waits for the other ranks to reach one of these calls; a stall (ranks waiting for
-  operations other ranks never submit) raises `StallError` after
+  `barrier`, `join`) rather than by a background thread; ranks wait for each other in the
+  coordinator, not in a collective, and `poll()` never waits (see `gate`); a stall (ranks
+  waiting for operations other ranks never submit) raises `StallError` after
   HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (default 120) instead of waiting forever (see
-  `handles` and `negotiate`); `DistributedOptimizer` reduces through phalanx directly;
+  `handles` and `negotiate`); `DistributedOptimizer` and `SyncBatchNorm` reduce through
+  phalanx directly;
 - process sets run on phalanx subgroups, renumbered after a re-formation (see
   `process_sets`);
 - `join()` stands in for allreduces and DistributedOptimizer steps, as Horovod's does (see
@@ -34,25 +35,80 @@ from __future__ import annotations
 
 from . import elastic
 from .compression import Compression
-from .functions import (allgather_object, broadcast_object, broadcast_optimizer_state,
-                        broadcast_parameters)
-from .mpi_ops import (Adasum, Average, HorovodInternalError, Max, Min, ProcessSet, Product, Sum,
-                      add_process_set, allgather, allgather_async, allreduce, allreduce_,
-                      allreduce_async, allreduce_async_, alltoall, alltoall_async, barrier,
-                      broadcast, broadcast_, broadcast_async, broadcast_async_, ccl_built,
-                      cross_rank, cross_size, cuda_built, ddl_built, global_process_set, gloo_built,
-                      gloo_enabled, gpu_available, grouped_allgather, grouped_allgather_async,
-                      grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
-                      grouped_allreduce_async_, grouped_reducescatter, grouped_reducescatter_async,
-                      init, is_initialized, join, local_rank, local_size, mpi_built, mpi_enabled,
-                      mpi_threads_supported, nccl_built, poll, rank, reducescatter,
-                      reducescatter_async, remove_process_set, rocm_built, shutdown, size,
-                      start_timeline, stop_timeline, synchronize)
+from .functions import (
+                        allgather_object,
+                        broadcast_object,
+                        broadcast_optimizer_state,
+                        broadcast_parameters,
+)
+from .mpi_ops import (
+                        Adasum,
+                        Average,
+                        HorovodInternalError,
+                        Max,
+                        Min,
+                        ProcessSet,
+                        Product,
+                        Sum,
+                        add_process_set,
+                        allgather,
+                        allgather_async,
+                        allreduce,
+                        allreduce_,
+                        allreduce_async,
+                        allreduce_async_,
+                        alltoall,
+                        alltoall_async,
+                        barrier,
+                        broadcast,
+                        broadcast_,
+                        broadcast_async,
+                        broadcast_async_,
+                        ccl_built,
+                        cross_rank,
+                        cross_size,
+                        cuda_built,
+                        ddl_built,
+                        global_process_set,
+                        gloo_built,
+                        gloo_enabled,
+                        gpu_available,
+                        grouped_allgather,
+                        grouped_allgather_async,
+                        grouped_allreduce,
+                        grouped_allreduce_,
+                        grouped_allreduce_async,
+                        grouped_allreduce_async_,
+                        grouped_reducescatter,
+                        grouped_reducescatter_async,
+                        init,
+                        is_initialized,
+                        join,
+                        local_rank,
+                        local_size,
+                        mpi_built,
+                        mpi_enabled,
+                        mpi_threads_supported,
+                        nccl_built,
+                        poll,
+                        rank,
+                        reducescatter,
+                        reducescatter_async,
+                        remove_process_set,
+                        rocm_built,
+                        shutdown,
+                        size,
+                        start_timeline,
+                        stop_timeline,
+                        synchronize,
+)
 from .optimizer import DistributedOptimizer
+from .sparse import sparse_allreduce_async
+from .sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "Adasum", "Average", "Compression", "DistributedOptimizer", "HorovodInternalError", "Max",
-    "Min", "ProcessSet", "Product", "Sum", "add_process_set", "allgather", "allgather_async",
+    "Min", "ProcessSet", "Product", "Sum", "SyncBatchNorm", "add_process_set", "allgather", "allgather_async",
     "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "alltoall", "alltoall_async", "barrier", "broadcast", "broadcast_", "broadcast_async",
     "broadcast_async_", "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters",
@@ -63,5 +119,5 @@ __all__ = [
     "grouped_reducescatter_async", "init", "is_initialized", "join", "local_rank", "local_size",
     "mpi_built", "mpi_enabled", "mpi_threads_supported", "nccl_built", "poll", "rank",
     "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built", "shutdown",
-    "size", "start_timeline", "stop_timeline", "synchronize",
+    "size", "sparse_allreduce_async", "start_timeline", "stop_timeline", "synchronize",
 ]

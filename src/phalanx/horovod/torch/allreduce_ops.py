@@ -17,7 +17,7 @@ import torch
 from . import handles
 from . import negotiate as N
 from . import reduce as R
-from .basics import OP_NAMES, require_init
+from .basics import OP_NAMES, Adasum, require_init
 from .compression import Compression, Compressor
 from .process_sets import ProcessSet, check, global_process_set, set_of
 
@@ -56,7 +56,10 @@ def _prepare(what: str, op: Any, average: bool | None, pre: Any, post: Any,
              process_set: ProcessSet) -> tuple[int, float, float, Any]:
     require_init(what)
     comm = check(process_set, what)
-    return (R.resolve_op(op, average, what), R.check_factor(pre, "prescale_factor", what),
+    op = R.resolve_op(op, average, what)
+    if op == Adasum:   # Horovod raises these at the call, not at synchronize()
+        R.check_adasum(comm.size(), [], what)
+    return (op, R.check_factor(pre, "prescale_factor", what),
             R.check_factor(post, "postscale_factor", what), comm)
 
 

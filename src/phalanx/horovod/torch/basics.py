@@ -16,12 +16,19 @@ from typing import Any
 import torch
 
 from ... import env
-from ...errors import WorkerLost
+from ...errors import PhalanxError, WorkerLost
 from . import handles
 from . import process_sets as _ps
 
 HorovodInternalError = WorkerLost
 """What Horovod raises when a collective fails because a peer was lost (phalanx's WorkerLost)."""
+
+
+class OperationError(PhalanxError):
+    """An operation Horovod's core refuses when it is enqueued (e.g. reducescatter with an op
+    other than Average or Sum). Horovod raises these as HorovodInternalError, a RuntimeError;
+    phalanx raises a RuntimeError too, but keeps HorovodInternalError (WorkerLost) for lost
+    peers, so that an elastic loop does not re-form on a programming error."""
 
 # Reduction ops, with Horovod's numeric values (scripts compare and sometimes pass them as ints).
 Average = 0

@@ -1,11 +1,15 @@
 """Horovod's helpers: broadcast_parameters, broadcast_optimizer_state and the object
 collectives, on phalanx's fused implementations.
 
-Differences from Horovod: objects travel with the standard `pickle` (HMAC-checked), not
-cloudpickle, so lambdas and locally defined classes cannot be sent; and
-`broadcast_optimizer_state` sends root's whole state (its structure included), so ranks whose
-optimizer has no state yet simply receive root's, instead of Horovod's zero-gradient step to
-create one (which moves parameters under weight decay).
+`broadcast_optimizer_state` does what Horovod's does first: a rank whose optimizer has no
+state yet gives every trainable parameter a zero gradient (sparse for SparseAdam, and for
+sparse embeddings of `model` under SGD) and steps the wrapped torch optimizer locally to create
+it (which moves parameters under weight decay, identically on ranks that hold the same
+parameters); parameters that do not require a gradient keep ``grad=None``. Then it sends root's
+whole state (its structure included) where Horovod broadcasts tensor by tensor.
+
+Difference from Horovod: objects travel with the standard `pickle` (HMAC-checked), not
+cloudpickle, so lambdas and locally defined classes cannot be sent.
 
 Like the collectives, these are queued and matched across ranks by name (see `handles`);
 the unnamed ones match by order.
@@ -57,9 +61,33 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
     if not hasattr(optimizer, "state_dict") or not hasattr(optimizer, "load_state_dict"):
         raise ValueError(f"broadcast_optimizer_state: optimizer={type(optimizer).__name__} has "
                          "no state_dict()/load_state_dict(); pass a torch optimizer")
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(inner, torch.optim.LBFGS):
+        raise ValueError("cannot broadcast torch.optim.LBFGS state (as in Horovod: its state is "
+                         "deeply nested); save and load its state_dict() instead")
+    _create_state(inner, model)
     handles.run("broadcast_optimizer_state", None,
                 lambda: handles.Done(_px().broadcast_optimizer_state(optimizer, root=root_rank)),
                 (("root_rank", root_rank),))
+
+
+def _create_state(opt: torch.optim.Optimizer, model: torch.nn.Module | None) -> None:
+    """Horovod's initialisation of an optimizer without state: zero gradients, one local step
+    of the wrapped (not the distributed) optimizer."""
+    if len(opt.state_dict()["state"]) != 0:
+        return
+    sparse: set[int] = set()
+    if model is not None:
+        sparse = {id(p) for m in model.modules()
+                  if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+                if isinstance(opt, torch.optim.SparseAdam) or (
+                        isinstance(opt, torch.optim.SGD) and id(p) in sparse):
+                    p.grad = p.grad.to_sparse()
+    opt.step()
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,

@@ -19,7 +19,7 @@ import torch
 from . import handles
 from . import reduce as R
 from .allreduce_ops import allreduce, check_tensor, check_tensors, fresh
-from .basics import OP_NAMES, Average, Sum, require_init
+from .basics import OP_NAMES, Average, OperationError, Sum, require_init
 from .compression import Compression, Compressor
 from .negotiate import tensor_sig, tensors_sig
 from .process_sets import ProcessSet, check, global_process_set, set_of
@@ -230,8 +230,9 @@ def alltoall(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
 def _rs_op(op: Any, what: str) -> int:
     op = R.check_op(op, what)
     if op not in (Average, Sum):
-        raise ValueError(f"{what}: op={op!r} is not supported; reducescatter takes hvd.Average "
-                         "or hvd.Sum (as in Horovod)")
+        raise OperationError(f"{what}: op=hvd.{OP_NAMES[op]} is not supported: reducescatter "
+                             "currently only supports AVERAGE and SUM (as in Horovod, which "
+                             "raises this RuntimeError too); use op=hvd.Average or hvd.Sum")
     return op
 
 

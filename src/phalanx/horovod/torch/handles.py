@@ -6,11 +6,12 @@ kind and name (unnamed ones get ``noname.<n>``, counted per kind in submission o
 unnamed operations match by order), queued, and started once every rank has submitted it.
 phalanx has no background coordinator, so ranks agree on what to start (`negotiate`) when a
 result is needed: `synchronize()` of a queued operation, the synchronous forms, `barrier()`,
-`join()` and `poll()` -- so `poll()` of an operation still queued runs one negotiation round,
-which waits for every rank to reach one of these calls. Each round starts every operation
-queued on all ranks, in rank 0's submission order; `synchronize()` loops until its own
-operation has started, then waits for it. Results come back in whatever order
-`synchronize()` is called.
+`join()` and `poll()`. A round runs once every rank of the set has arrived at it, and ranks
+wait for each other in the coordinator, not in a collective (`gate`): `poll()` never waits
+for a late peer, and a rank may wait at an operation as long as its peers take (up to the
+stall time). Each round starts every operation queued on all ranks, in rank 0's submission
+order; `synchronize()` loops until its own operation has started, then waits for it. Results
+come back in whatever order `synchronize()` is called.
 
 A second operation of the same kind and name submitted while the first is still in flight
 raises ValueError, as Horovod's duplicate-name check does. Operations whose signature differs
@@ -32,7 +33,8 @@ from typing import Any, Protocol
 
 from ...errors import WorkerLost
 from . import negotiate
-from .process_sets import set_id
+from .gate import Gate, gate_for
+from .process_sets import set_id, set_of
 
 log = logging.getLogger("phalanx.horovod")
 _MAX_PAUSE_S = 0.05
@@ -110,6 +112,10 @@ _lock = threading.Lock()
 _negotiating = threading.Lock()
 """Held by the one thread of this rank running negotiation rounds."""
 _state: dict[str, Any] = {"generation": None, "idle_since": None, "warned": False}
+_gates: dict[tuple[int, ...], Gate | None] = {}
+"""This rank's negotiation gate per set of ranks (`gate`), for the current generation. Kept
+across init()/shutdown(): every rank of a set is between rounds there, and a newcomer only
+ever meets the others in a new generation."""
 
 
 def _generation() -> int:
@@ -147,9 +153,10 @@ def start(kind: str, name: str | None, make: Callable[[], Waitable],
 def poll(handle: int) -> bool:
     """True once the operation finished; `synchronize(handle)` then returns without waiting.
 
-    An operation still queued is negotiated first (one round, a collective: it waits for
-    every rank to reach a poll, synchronize or synchronous operation), unless another thread
-    of this rank is negotiating already."""
+    Never waits for the other ranks: an operation still queued is negotiated only if every
+    rank of its set reaches a negotiation within `gate.POLL_WINDOW_S` (a rank waiting in
+    `synchronize()` is there; so is one polling in a loop), and not while another thread of
+    this rank is negotiating."""
     with _lock:
         entry = _table.get(handle)
     if entry is None:
@@ -157,7 +164,7 @@ def poll(handle: int) -> bool:
                          "before the last hvd.init()); poll a handle an *_async call returned")
     if entry.queued and _negotiating.acquire(blocking=False):
         try:
-            _round(entry)
+            _round(entry, wait=False)
         finally:
             _negotiating.release()
     return entry.done()
@@ -217,10 +224,14 @@ def reset() -> None:
 
 
 # ---------------------------------------------------------------- negotiation
-def _round(target: _Entry) -> None:
-    """One negotiation round while `target` is queued (caller holds `_negotiating`)."""
+def _round(target: _Entry, *, wait: bool = True) -> None:
+    """One negotiation round while `target` is queued (caller holds `_negotiating`). With
+    wait=False (poll) the round runs only if every rank arrives within the poll window."""
     pending = [e for e in _pending() if e.pset == target.pset]
     if target not in pending:
+        return
+    gate = _gate(target)
+    if gate is not None and not _at_gate(gate, target, pending, wait):
         return
     try:
         plan = negotiate.exchange([(e.kind, e.name, e.sig) for e in pending], target.key,
@@ -231,11 +242,20 @@ def _round(target: _Entry) -> None:
         raise
     except BaseException:
         _state["idle_since"], _state["warned"] = None, False
+        if gate is not None:
+            gate.passed()
         raise
-    if plan.announced is not None:
+    if plan.announced is not None:   # a joined rank stays at this round's gate
         _stand_in(("optimizer", "step"), tuple(plan.announced.items()))
         _state["idle_since"], _state["warned"] = None, False
         return
+    if gate is not None:
+        gate.passed()
+    _apply(plan, pending, target, wait)
+
+
+def _apply(plan: negotiate.Plan, pending: list[_Entry], target: _Entry, wait: bool) -> None:
+    """Start, fail or stand in for what the round decided; account for idle rounds."""
     by_key = {e.key: e for e in pending}
     for key, error in plan.errors.items():
         if key in by_key:
@@ -257,7 +277,56 @@ def _round(target: _Entry) -> None:
     if plan.warning is not None and not _state["warned"]:
         _state["warned"] = True
         log.warning("%s", plan.warning)
-    time.sleep(min(_MAX_PAUSE_S, 0.001 + _idle_seconds() / 20))
+    if wait:
+        time.sleep(min(_MAX_PAUSE_S, 0.001 + _idle_seconds() / 20))
+
+
+# ---------------------------------------------------------------- the gate
+def _gate(target: _Entry) -> Gate | None:
+    """This rank's gate for the target's set of ranks (None: no coordinator, or one rank)."""
+    import phalanx as px
+    comm = target.comm if target.comm is not None else px
+    members = tuple(set_of(comm).ranks or ()) if target.pset else ()
+    if _state.get("gates_generation") != target.generation:
+        _gates.clear()
+        _state["gates_generation"] = target.generation
+    if members not in _gates:
+        _gates[members] = gate_for(comm, members)
+    return _gates[members]
+
+
+def _at_gate(gate: Gate, target: _Entry, pending: list[_Entry], wait: bool) -> bool:
+    """Arrive at the round; True once every rank of the set has (see `gate`). A joined rank
+    goes straight into the round's collective, where it stands in for the others' steps."""
+    joined = any(e.key == negotiate.JOIN for e in pending)
+    try:
+        return gate.meet(wait=wait, eager=joined,
+                         stall=lambda: _gate_stall(gate, target, raise_=wait))
+    except WorkerLost as e:
+        with _lock:
+            _drop_queued(e)
+        raise
+
+
+def _gate_stall(gate: Gate, target: _Entry, *, raise_: bool) -> None:
+    """Warn after HOROVOD_STALL_CHECK_TIME_SECONDS at the gate; after the shutdown time, leave
+    the round and fail `target` with StallError (raised when `raise_`)."""
+    warn, limit = negotiate.stall_limits()
+    waited = gate.waited()
+    if waited < min(warn, limit) or (waited < limit and gate.warned):
+        return
+    text = gate.stall_text(negotiate.show(target.key), set_of(target.comm).ranks or [])
+    if waited < limit:
+        gate.warned = True
+        log.warning("hvd: stalled for %.1fs: %s", waited, text)
+        return
+    if not gate.leave():
+        return   # every rank arrived meanwhile: the round runs
+    gate.since, gate.warned = None, False
+    _fail(target, negotiate.StallError(
+        f"hvd: stalled for {waited:.1f}s ({negotiate.STALL_SHUTDOWN_TIME}={limit:g}): {text}"))
+    if raise_:
+        raise target.error  # type: ignore[misc]
 
 
 def _pending() -> list[_Entry]:

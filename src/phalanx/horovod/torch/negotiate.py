@@ -2,7 +2,8 @@
 
 Horovod's coordinator runs a named operation once every rank has submitted it, whatever the
 order of submission. phalanx has no background coordinator: a rank negotiates when it needs
-a result (`synchronize`, `poll`, the synchronous forms; see `handles`). A round is:
+a result (`synchronize`, `poll`, the synchronous forms; see `handles`), once every rank of
+the set has arrived at the round in the coordinator (`gate`). A round is:
 
 1. fast path: every rank hashes its queue (kind, name and signature of each queued
    operation, in submission order) and one small allreduce (max of the digest and of its

@@ -4,6 +4,11 @@
 `DistributedOptimizer` subclass: gradients are fused into buckets and reduced during backward;
 `step()`, `synchronize()`, `skip_synchronize()`, `zero_grad()`, `param_groups`, `state_dict()`
 and `load_state_dict()` behave as in Horovod, and an elastic State sees its step boundary.
+Without `named_parameters` the parameters are named as Horovod names them
+(``allreduce.noname.<group>.<index>``, the same on every rank; `_parameter_names` maps each
+parameter to its name). `op=hvd.Adasum` on more than one rank returns Horovod's Adasum delta
+optimizer, and a rank outside `process_set` gets an optimizer that steps on its local
+gradients, as in Horovod (see `wrappers`).
 
 Differences from Horovod, by argument:
 
@@ -11,15 +16,17 @@ Differences from Horovod, by argument:
   from its class, so ``isinstance(opt, torch.optim.SGD)`` is False (use ``opt.optimizer``);
 - `groups` / `num_groups` are validated and otherwise ignored: phalanx fuses by bucket size,
   which changes speed, never results;
-- sparse gradients are reduced as dense ones (Horovod's `sparse_as_dense=True` path, used
-  whatever the flag) and handed back to the optimizer as sparse tensors;
-- `op=hvd.Adasum` is supported on one rank only (where it is the identity); Horovod's Adasum
-  optimizer (reducing parameter deltas) is not implemented;
+- sparse gradients (``nn.Embedding(sparse=True)``) are allgathered as indices and values, as
+  in Horovod, or with `sparse_as_dense=True` reduced densely and handed back sparse (see
+  `sparse`);
 - `gradient_predivide_factor` f divides each fused bucket by f before the averaging reduction
   (before an fp16 cast, so it guards against overflow as Horovod's does) and multiplies by f
   after it: Horovod's f/size postscale, up to rounding;
+- `step()` after `synchronize()` outside `skip_synchronize()` warns as Horovod does, but does
+  not reduce the gradients a second time (Horovod does: a Sum would count them twice);
 - `step(closure)` is refused; `compression` takes `Compression.none`, `Compression.fp16` or a
-  phalanx compression name ("bf16", "1bit", "topk"), not a user-defined Compressor.
+  phalanx compression name ("bf16", "1bit", "topk"), not a user-defined Compressor (the Adasum
+  optimizer takes any Compressor, as it compresses whole deltas).
 """
 
 from __future__ import annotations
@@ -33,9 +40,19 @@ import torch
 
 from ...train.optimizer import DistributedOptimizer as _PxOptimizer
 from . import announce, handles
-from .basics import OP_NAMES, Adasum, Average, Max, Min, Product, Sum, require_init, size
+from . import reduce as R
+from .basics import OP_NAMES, Adasum, Average, Max, Min, Product, Sum, require_init
 from .compression import Compression, Compressor
-from .process_sets import ProcessSet, check, global_process_set
+from .process_sets import ProcessSet, check, global_process_set, member
+from .sparse import reduce_sparse
+from .wrappers import AdasumOptimizer, LocalOptimizer
+
+STEP_AFTER_SYNCHRONIZE = (
+    "optimizer.step() called without optimizer.skip_synchronize() context after "
+    "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
+    "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your "
+    "code.")
+"""Horovod's warning, word for word."""
 
 _PX_OPS = {Average: "avg", Sum: "sum", Min: "min", Max: "max", Product: "prod"}
 _PX_COMPRESSIONS = ("none", "fp16", "bf16", "1bit", "topk")
@@ -78,9 +95,10 @@ class HorovodDistributedOptimizer(_PxOptimizer):
     """What `hvd.DistributedOptimizer` returns (see the module docstring)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *,
-                 named_parameters: list[tuple[str, torch.nn.Parameter]] | None, op: str,
+                 named_parameters: list[tuple[str, torch.nn.Parameter]], op: str,
                  compression: str, backward_passes_per_step: int,
-                 gradient_predivide_factor: float, comm: Any = None) -> None:
+                 gradient_predivide_factor: float, sparse_as_dense: bool = False,
+                 comm: Any = None) -> None:
         if comm is None:
             import phalanx as comm
         self._hvd_comm = comm
@@ -89,10 +107,18 @@ class HorovodDistributedOptimizer(_PxOptimizer):
                          compression=compression,
                          backward_passes_per_step=backward_passes_per_step,
                          group=getattr(comm, "group", None))
+        self._parameter_names = {p: name for name, p in named_parameters}
+        """Each parameter's name (Horovod's attribute)."""
         self.gradient_predivide_factor = gradient_predivide_factor
         if gradient_predivide_factor != 1.0:
             self._compressor = _Predivided(self._compressor, gradient_predivide_factor)
         self._compression_name = compression
+        self.sparse_as_dense = sparse_as_dense
+        self._sparse_dims: dict[torch.Tensor, int] = {}
+        """Parameters seen with a sparse gradient (reduced by allgather), and their sparse_dim."""
+        self._sparse_grads: dict[torch.Tensor, torch.Tensor] = {}
+        """This step's local sparse gradients, held out of the dense buckets."""
+        self._user_synced = False
         self.register_step_start_hook(HorovodDistributedOptimizer._announce)
 
     def _announce(self) -> None:
@@ -123,15 +149,59 @@ class HorovodDistributedOptimizer(_PxOptimizer):
         self._require_idle("set_backward_passes_per_step()")
         self.backward_passes_per_step = passes
 
+    def _on_grad(self, p: torch.Tensor) -> None:
+        """A sparse gradient (sparse_as_dense=False) is held out of its dense bucket, which
+        reduces zeros in its place, and allgathered at synchronize()."""
+        g = p.grad
+        if g is not None and g.is_sparse and not self.sparse_as_dense:
+            self._sparse_dims[p] = g.sparse_dim()
+            held = self._sparse_grads.get(p)
+            self._sparse_grads[p] = g if held is None else held + g
+            p.grad = None
+        super()._on_grad(p)
+
     def synchronize(self) -> None:
         """Reduce every gradient now (idempotent until the next backward); sparse gradients
         come back sparse."""
-        sparse = [p for g in self.param_groups for p in g["params"]
-                  if p.grad is not None and p.grad.is_sparse]
+        self._user_synced = True
+        if self._synced:
+            return
+        dense_sparse = [p for g in self.param_groups for p in g["params"]
+                        if p.grad is not None and p.grad.is_sparse]
         super().synchronize()
-        for p in sparse:
+        for p in dense_sparse:
             if p.grad is not None and not p.grad.is_sparse:
                 p.grad = p.grad.to_sparse()
+        if self._sparse_dims:
+            held, self._sparse_grads = self._sparse_grads, {}
+            params = list(self._sparse_dims)
+            for p, g in zip(params, reduce_sparse(
+                    [(p, held.get(p), self._sparse_dims[p]) for p in params],
+                    _HVD_OP[self.op], self._hvd_comm)):
+                p.grad = g
+
+    def step(self, closure: Any = None) -> Any:
+        """Reduce (unless inside `skip_synchronize()`) and step; warns as Horovod does when
+        `synchronize()` was called since the last step outside `skip_synchronize()`."""
+        if not self._in_skip and self._user_synced:
+            warnings.warn(STEP_AFTER_SYNCHRONIZE, stacklevel=2)
+        self._user_synced = False
+        try:
+            return super().step(closure)
+        finally:
+            self._user_synced = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As Horovod: refused (AssertionError) between backward() and step()/synchronize()."""
+        if self._next_launch > 0 and not self._synced:
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() but "
+                                 "before optimizer.step() or optimizer.synchronize(). This is "
+                                 "prohibited as it can cause a race condition.")
+        self._sparse_grads = {}
+        super().zero_grad(set_to_none=set_to_none)
+
+
+_HVD_OP = {"avg": Average, "sum": Sum, "min": Min, "max": Max, "prod": Product}
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
@@ -140,8 +210,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          backward_passes_per_step: int = 1, op: int = Average,
                          gradient_predivide_factor: float = 1.0, num_groups: int = 0,
                          groups: Any = None, sparse_as_dense: bool = False,
-                         process_set: ProcessSet = global_process_set,
-                         ) -> HorovodDistributedOptimizer:
+                         process_set: ProcessSet = global_process_set) -> torch.optim.Optimizer:
     """Reduce gradients across ranks (Average by default) before each `step()` of `optimizer`.
 
     `named_parameters` (usually ``model.named_parameters()``) must name every parameter of the
@@ -149,11 +218,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     passes locally before reducing; `gradient_predivide_factor` f divides gradients by f before
     the sum and multiplies by f/size after (op=Average only)."""
     require_init("DistributedOptimizer")
-    comm = check(process_set, "DistributedOptimizer")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"DistributedOptimizer: optimizer={type(optimizer).__name__} is not a "
                          "torch.optim.Optimizer; pass e.g. torch.optim.SGD(model.parameters())")
-    px_op = _map_op(op)
+    if isinstance(op, bool) or op not in OP_NAMES:
+        raise ValueError(f"DistributedOptimizer: op={op!r} is not one of hvd.Average, hvd.Sum, "
+                         "hvd.Adasum, hvd.Min, hvd.Max, hvd.Product")
     if gradient_predivide_factor != 1.0 and op != Average:
         raise ValueError(f"DistributedOptimizer: gradient_predivide_factor="
                          f"{gradient_predivide_factor} needs op=hvd.Average, got "
@@ -170,25 +240,23 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             backward_passes_per_step, int) or backward_passes_per_step <= 0:
         raise ValueError(f"DistributedOptimizer: backward_passes_per_step="
                          f"{backward_passes_per_step!r} must be an int > 0")
+    named = _check_names(optimizer, named_parameters)
+    if not member(process_set, "DistributedOptimizer"):
+        return LocalOptimizer(optimizer, {p: n for n, p in named})
+    comm = check(process_set, "DistributedOptimizer")
+    if op == Adasum and comm.size() > 1:
+        R.check_adasum(comm.size(), [], "DistributedOptimizer")
+        return AdasumOptimizer(optimizer, {p: n for n, p in named}, compression, comm)
     return HorovodDistributedOptimizer(
-        optimizer, named_parameters=_check_names(optimizer, named_parameters), op=px_op,
+        optimizer, named_parameters=named, op=_map_op(op),
         compression=_map_compression(compression), gradient_predivide_factor=float(
             gradient_predivide_factor), backward_passes_per_step=backward_passes_per_step,
-        comm=comm)
+        sparse_as_dense=bool(sparse_as_dense), comm=comm)
 
 
-def _map_op(op: Any) -> str:
-    if op == Adasum and not isinstance(op, bool):
-        if size() == 1:
-            return "sum"  # Adasum of a single rank's gradient is that gradient
-        raise NotImplementedError(
-            f"DistributedOptimizer(op=hvd.Adasum) on {size()} ranks: Horovod's Adasum optimizer "
-            "(reducing parameter deltas) is not implemented in phalanx; use op=hvd.Average "
-            "(hvd.allreduce(..., op=hvd.Adasum) itself is supported)")
-    if isinstance(op, bool) or op not in _PX_OPS:
-        raise ValueError(f"DistributedOptimizer: op={op!r} is not one of hvd.Average, hvd.Sum, "
-                         "hvd.Adasum, hvd.Min, hvd.Max, hvd.Product")
-    return _PX_OPS[op]
+def _map_op(op: int) -> str:
+    """phalanx's op name (Adasum reaches here only on one rank, where it is the identity)."""
+    return "sum" if op == Adasum else _PX_OPS[op]
 
 
 def _map_compression(compression: Any) -> str:
@@ -224,10 +292,12 @@ def _check_groups(groups: Any) -> None:
 
 
 def _check_names(optimizer: torch.optim.Optimizer,
-                 named_parameters: Any) -> list[tuple[str, torch.nn.Parameter]] | None:
-    """Horovod's rules: (name, tensor) pairs, unique names, every optimizer parameter named."""
+                 named_parameters: Any) -> list[tuple[str, torch.Tensor]]:
+    """Horovod's rules: (name, tensor) pairs, unique names, every optimizer parameter named;
+    without names, Horovod's own (``allreduce.noname.<group>.<index>``)."""
     if named_parameters is None:
-        return None
+        return [(f"allreduce.noname.{i}.{j}", p) for i, group in enumerate(optimizer.param_groups)
+                for j, p in enumerate(group["params"])]
     named = list(named_parameters)
     if any(not isinstance(p, tuple) or len(p) != 2 for p in named):
         raise ValueError("DistributedOptimizer: named_parameters must be (name, parameter) "

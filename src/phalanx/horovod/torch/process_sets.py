@@ -7,7 +7,8 @@ name among them (each set negotiates on its own). A rank outside the set that ca
 ValueError. `root_rank` of a broadcast within a set is a job rank, as in Horovod.
 
 `hvd.DistributedOptimizer(process_set=...)` reduces gradients among the set's ranks (each set
-trains its own replica). Difference: a set used after the job re-formed (a lost or added
+trains its own replica); on a rank outside the set it steps on the local gradients, as in
+Horovod. Difference: a set used after the job re-formed (a lost or added
 worker) names ranks of the new generation (phalanx renumbers ranks 0..size-1 and rebuilds every
 set over the same numbers; a set naming a rank the job no longer has is refused).
 """
@@ -182,16 +183,24 @@ def check(process_set: Any, what: str) -> Any:
         if len(global_process_set.ranks or ()) != n:   # the job re-formed with another size
             global_process_set.ranks = list(range(n))
         return px
+    if not member(process_set, what):
+        raise ValueError(f"{what}(process_set={process_set}): rank {px.rank()} is not in this "
+                         "process set; call it only on the set's ranks (process_set.included())")
+    return SetComm(process_set)
+
+
+def member(process_set: Any, what: str) -> bool:
+    """Whether this worker belongs to `process_set`, a registered set (ValueError otherwise)."""
+    if process_set is global_process_set or (
+            isinstance(process_set, ProcessSet) and process_set.process_set_id == 0):
+        return True
     if not isinstance(process_set, ProcessSet):
         raise ValueError(f"{what}(process_set={process_set!r}): pass an hvd.ProcessSet, "
                          "normally hvd.global_process_set")
     if _state["sets"].get(process_set.process_set_id) is not process_set:
         raise ValueError(f"{what}(process_set={process_set}): the set is not registered; pass "
                          "it to hvd.init(process_sets=[...]) or hvd.add_process_set() first")
-    if not process_set.included():
-        raise ValueError(f"{what}(process_set={process_set}): rank {px.rank()} is not in this "
-                         "process set; call it only on the set's ranks (process_set.included())")
-    return SetComm(process_set)
+    return bool(process_set.included())
 
 
 def set_of(comm: Any) -> ProcessSet:

@@ -107,8 +107,7 @@ def start_grouped_(bufs: list[torch.Tensor], op: int, pre: float, post: float,
     and device; waiting returns `bufs`."""
     px = comm if comm is not None else _job()
     if op == Adasum:
-        for i, b in enumerate(bufs):
-            adasum_(b.detach(), pre, post, f"{name}.{i}" if name else None, px)
+        adasum_many_([b.detach() for b in bufs], pre, post, name, px)
         return Done(bufs)
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for b in bufs:
@@ -138,22 +137,50 @@ def _job() -> Any:
     return px
 
 
+def check_adasum(n: int, dtypes: list[torch.dtype], what: str) -> None:
+    """Horovod's Adasum preconditions: a power-of-two number of ranks, floating tensors."""
+    if n & (n - 1):
+        raise NotImplementedError(f"{what}(op=hvd.Adasum) needs a power-of-two number of ranks "
+                                  f"(as in Horovod), got {n}; use op=hvd.Average")
+    for dt in dtypes:
+        if dt not in (torch.float16, torch.float32, torch.float64):
+            raise ValueError(f"{what}(op=hvd.Adasum) needs float16/32/64 tensors, got {dt}; "
+                             "cast it or use op=hvd.Sum")
+
+
 def adasum_(data: torch.Tensor, pre: float, post: float, name: str | None, px: Any) -> None:
     """Adasum-reduce `data` in place over `px` (see the module docstring)."""
-    n = px.size()
-    if n & (n - 1):
-        raise NotImplementedError(f"allreduce(op=hvd.Adasum) needs a power-of-two number of "
-                                  f"ranks (as in Horovod), got {n}; use op=hvd.Average")
-    if data.dtype not in (torch.float16, torch.float32, torch.float64):
-        raise ValueError(f"allreduce(op=hvd.Adasum) needs a float16/32/64 tensor, got "
-                         f"{data.dtype}; cast it or use op=hvd.Sum")
-    scale_(data, pre)
-    rows = px.allgather(data.reshape(1, -1), name=name)
-    vecs = list(rows.unbind(0))
+    adasum_many_([data], pre, post, name, px)
+
+
+def adasum_many_(tensors: list[torch.Tensor], pre: float, post: float, name: str | None,
+                 px: Any) -> None:
+    """Adasum-reduce each of `tensors` in place over `px`, with one allgather per dtype: each
+    tensor is combined on its own (its own dot products and norms), as Horovod does for the
+    tensors of a fused buffer."""
+    check_adasum(px.size(), [t.dtype for t in tensors], "allreduce")
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for k, members in enumerate(groups.values()):
+        flat = torch.cat([m.detach().reshape(-1) for m in members])
+        scale_(flat, pre)
+        rows = px.allgather(flat.reshape(1, -1), name=f"{name}.{k}" if name else None)
+        off = 0
+        for m in members:
+            seg = [rows[i, off:off + m.numel()] for i in range(rows.shape[0])]
+            out = adasum_combine(seg)
+            scale_(out, post)
+            m.detach().copy_(out.view_as(m))
+            off += m.numel()
+
+
+def adasum_combine(vecs: list[torch.Tensor]) -> torch.Tensor:
+    """Horovod's recursive pairwise Adasum of one tensor from each rank (rank order):
+    (0,1), (2,3), ..., then the pairs' results, and so on."""
     while len(vecs) > 1:
         vecs = [_adasum_pair(vecs[i], vecs[i + 1]) for i in range(0, len(vecs), 2)]
-    data.copy_(vecs[0].view_as(data))
-    scale_(data, post)
+    return vecs[0].clone()
 
 
 def _adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

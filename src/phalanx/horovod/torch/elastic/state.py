@@ -2,16 +2,21 @@
 
 Fields behave as in Horovod (``state.epoch``, ``state.model``...), and `commit()`,
 `restore()`, `sync()`, `save()`, `check_host_updates()` and `register_reset_callbacks()` exist.
-The difference is what happens on a fault: Horovod restores every rank to the last
-`commit()`; phalanx heals forward, every rank taking the state of the most advanced one, so
-`commit()` is only a membership check point here (and what a manual `restore()` goes back to).
+As in Horovod, the state is saved when it is built (so `restore()` before any `commit()` goes
+back to it), and workers waiting to join are admitted only at `commit()` and
+`check_host_updates()`, which raise `HostsUpdatedInterrupt` on every rank (phalanx's own
+`px.elastic.State` admits them at the next optimizer step instead). The difference is what
+happens on a fault: Horovod restores every rank to the last `commit()`; phalanx heals forward,
+every rank taking the state of the most advanced one, so `commit()` is a membership check point
+and what a manual `restore()` goes back to.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ....elastic.state import State
+from ....elastic.state import MembershipChanged, State
+from ...common.exceptions import HostsUpdatedInterrupt
 from .sampler import ElasticSampler
 
 
@@ -21,14 +26,35 @@ class TorchState(State):
     def __init__(self, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         super().__init__(model=model, optimizer=optimizer, **kwargs)
         self._samplers = [k for k, v in kwargs.items() if isinstance(v, ElasticSampler)]
+        self._admitting = False
+        self.save()   # Horovod saves at construction: restore() before commit() returns here
 
     def save(self) -> None:
         """Keep an in-memory copy for `restore()` (commit() without the membership check)."""
         self._snapshot = self.state_dict()
 
+    def commit(self) -> None:
+        """Save (for `restore()`), then admit workers waiting to join, if any: raises
+        `HostsUpdatedInterrupt` on every rank, which `hvd.elastic.run` handles."""
+        self.save()
+        self.check_host_updates()
+
     def check_host_updates(self) -> None:
-        """Leave the training function (to re-form) if workers are waiting to join."""
-        self._check_membership()
+        """Raise `HostsUpdatedInterrupt` on every rank if workers are waiting to join (a
+        collective: every rank calls it at the same point)."""
+        self._admitting = True
+        try:
+            super()._check_membership()
+        except MembershipChanged as e:
+            raise HostsUpdatedInterrupt(False, str(e)) from None
+        finally:
+            self._admitting = False
+
+    def _check_membership(self) -> None:
+        """At optimizer steps (phalanx's State checks there) do nothing: newcomers wait for
+        the next commit() or check_host_updates(), as in Horovod."""
+        if self._admitting:
+            super()._check_membership()
 
     def sync(self) -> Any:
         """Heal every rank from the most advanced one, then re-split the ElasticSamplers'

@@ -1,7 +1,8 @@
 """The seam between the data layer and the runtime's collectives.
 
-Every function imports `phalanx` when called, never at import time, so the data layer loads
-without the runtime and tests can route the calls to an in-process fake with `use_backend`.
+Every function imports `phalanx.api` (never the root package) when called, never at import
+time, so the data layer loads without the runtime and tests can route the calls to an in-process
+fake with `use_backend`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
-
-from ..errors import ConfigError
 
 
 class Collectives(Protocol):
@@ -40,15 +39,8 @@ def use_backend(backend: Collectives | None) -> Iterator[None]:
 def _runtime() -> Any:
     if _backend is not None:
         return _backend
-    import phalanx
-
-    if not all(hasattr(phalanx, name) for name in ("rank", "size", "allreduce",
-                                                   "allgather_object", "broadcast_object")):
-        raise ConfigError("phalanx's runtime collectives (px.rank, px.size, px.allreduce, "
-                          "px.allgather_object, px.broadcast_object) are not available; install "
-                          "the full phalanx package or route the data layer to a backend with "
-                          "phalanx.data._collective.use_backend(...)")
-    return phalanx
+    from .. import api
+    return api
 
 
 def rank() -> int:

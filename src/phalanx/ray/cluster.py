@@ -7,6 +7,7 @@ lives in `driver.py`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -24,11 +25,8 @@ _probed: dict[tuple[str, str], bool] = {}
 
 def phalanx_file() -> str | None:
     """Where this process imports phalanx from (also run as a probe task on a Ray worker)."""
-    try:
-        import phalanx
-    except ImportError:
-        return None
-    return os.path.abspath(phalanx.__file__)
+    spec = importlib.util.find_spec("phalanx")  # finds the package without importing its API
+    return os.path.abspath(spec.origin) if spec is not None and spec.origin else None
 
 
 class Cluster:

@@ -1,8 +1,9 @@
 """The seam between `phalanx.train` and the collective runtime.
 
 Every collective the training layer issues goes through these few functions, which import
-`phalanx` lazily so that importing `phalanx.train` has no side effects and unit tests can replace
-this module's functions with an in-process fake (see `tests/test_train_unit.py`).
+`phalanx.api` (never the root package) lazily so that importing `phalanx.train` has no side
+effects and unit tests can replace this module's functions with an in-process fake (see
+`tests/test_train_unit.py`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ class Handle(Protocol):
 
 def rank() -> int:
     """This worker's rank in the current job."""
-    import phalanx as px
+    from .. import api as px
     return int(px.rank())
 
 
 def size() -> int:
     """The number of workers in the current job."""
-    import phalanx as px
+    from .. import api as px
     return int(px.size())
 
 
@@ -34,7 +35,7 @@ def allreduce_async_(t: torch.Tensor, op: str, name: str | None = None,
                      group: Any = None) -> Handle:
     """Start an in-place allreduce of `t` (among `group`'s ranks, a `px.new_group` subgroup;
     None: the whole job); handles complete in issue order."""
-    import phalanx as px
+    from .. import api as px
     return px.allreduce_async_(t, op=op, name=name, group=group)
 
 
@@ -52,7 +53,7 @@ def allreduce_now_(t: torch.Tensor, op: str, name: str | None = None,
                    group: Any = None) -> Handle:
     """In-place allreduce of `t` on the calling thread (after any queued async work, in
     order); returns an already finished handle."""
-    import phalanx as px
+    from .. import api as px
     return _Finished(px.allreduce_(t, op=op, name=name, group=group))
 
 
@@ -72,37 +73,37 @@ def cores_per_worker() -> float:
 
 def allgather_async(t: torch.Tensor, group: Any = None) -> Handle:
     """Start an allgather of `t` along dim 0; `wait()` returns the concatenation."""
-    import phalanx as px
+    from .. import api as px
     return px.allgather_async(t, group=group)
 
 
 def allreduce(t: torch.Tensor, op: str, name: str | None = None) -> torch.Tensor:
     """Blocking out-of-place allreduce."""
-    import phalanx as px
+    from .. import api as px
     return px.allreduce(t, op=op, name=name)
 
 
 def broadcast_(t: torch.Tensor, root: int) -> torch.Tensor:
     """Blocking in-place broadcast of `t` from `root`."""
-    import phalanx as px
+    from .. import api as px
     return px.broadcast_(t, root=root)
 
 
 def broadcast_object(obj: Any, root: int) -> Any:
     """Broadcast a picklable object from `root`; every rank returns root's object."""
-    import phalanx as px
+    from .. import api as px
     return px.broadcast_object(obj, root=root)
 
 
 def allgather_object(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's picklable object, in rank order."""
-    import phalanx as px
+    from .. import api as px
     return px.allgather_object(obj, group=group)
 
 
 def generation() -> int:
     """The current membership generation (changes when workers leave or join)."""
-    import phalanx as px
+    from .. import api as px
     return int(px.generation())
 
 

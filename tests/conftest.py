@@ -52,8 +52,12 @@ def _children() -> set[int]:
 
 def _segments() -> set[str]:
     try:
-        # Segments of phalanx jobs are named phalanx-<job>-g<generation>[-h<host index>].
-        return {n for n in os.listdir("/dev/shm") if re.fullmatch(r"phalanx-\w+-g\d+(-h\d+)?", n)}
+        # Segments of phalanx jobs are named phalanx-<job>-g<generation>[-h<host index>]-<token>,
+        # their buffers <segment>.b<local rank>.<seq>-<token>, a segment being made
+        # <segment>.new-<random> (see phalanx.comm.shmnames).
+        return {n for n in os.listdir("/dev/shm") if re.fullmatch(
+            r"phalanx-[\w-]+-g\d+(-h\d+)?-[0-9a-f]{16}"
+            r"(\.b\d+\.\d+-[0-9a-f]{16}|\.new-[0-9a-f]{16})?", n)}
     except FileNotFoundError:
         return set()
 

@@ -6,6 +6,8 @@ inside an allocation.
         slurm.run(["sinfo"])        # a client command (srun, salloc, sbatch, scontrol) on it
         slurm.nodes                 # ["phxs1", "phxs2"]: NodeName = the host's hostname
         slurm.logs()                # the tail of every daemon's log, for failure messages
+        slurm.crash_node(1)         # that host crashes, its slurmd with it; 2-3 SlurmdTimeouts
+        slurm.job_nodes("7")        #   (10 s) later Slurm sets it DOWN and drops it from job 7
 
 munged (a generated key; its socket in the cluster's temporary directory) and slurmctld run
 on the machine, slurmctld on a free port, reached at the bridge address (NoCtldInAddrAny would
@@ -22,8 +24,10 @@ process even when that is killed (only the directory, /tmp/slurmfix-*, then stay
 stops them all and removes the directory; the simulated hosts' own teardown then kills whatever
 the jobs left on them (slurmstepd, tasks).
 
-In tests, use the module-scoped `slurm_cluster` fixture (2 hosts). It skips when the machine
-cannot (no root, no Slurm: .ci/setup-slurm.sh installs it), unless SLURM_REQUIRE=1.
+In tests, use the module-scoped `slurm_cluster` fixture (2 hosts), or `own_slurm_cluster` (2
+hosts for one test, ~1.5 s to start) for a test that breaks its cluster (crashes a node). They
+skip when the machine cannot (no root, no Slurm: .ci/setup-slurm.sh installs it), unless
+SLURM_REQUIRE=1.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from simhosts import SimHosts
+from simhosts import Host, SimHosts
 
 DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "mungekey")
 CLIENTS = ("srun", "salloc", "sbatch", "scontrol", "sinfo")
@@ -117,12 +121,15 @@ class SlurmCluster:
         self._wait(lambda: self.run(["scontrol", "ping"]).returncode == 0,
                    "slurmctld did not answer scontrol ping")
         for h in self.hosts:
-            with open(self.dir / "log" / f"slurmd-{h.name}.out", "wb") as out:
-                p = h.popen(["/usr/sbin/slurmd", "-D", "-N", h.name, "-f", str(self.conf)],
-                            env=self.env, stdin=subprocess.DEVNULL, stdout=out,
-                            stderr=subprocess.STDOUT)
-            self._procs.append((f"slurmd {h.name}", p))
+            self._slurmd(h)
         self._wait(self._all_idle, "the nodes did not become idle")
+
+    def _slurmd(self, h: Host) -> None:
+        with open(self.dir / "log" / f"slurmd-{h.name}.out", "ab") as out:
+            p = h.popen(["/usr/sbin/slurmd", "-D", "-N", h.name, "-f", str(self.conf)],
+                        env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=subprocess.STDOUT)
+        self._procs.append((f"slurmd {h.name}", p))
 
     def _daemon(self, name: str, argv: list[str]) -> None:
         pdeath = [self._setpriv, "--pdeathsig", "KILL", "--"] if self._setpriv else []
@@ -171,7 +178,7 @@ class SlurmCluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/builtin", "SwitchType=switch/none", "MpiDefault=none",
             "SlurmdParameters=config_overrides", "ReturnToService=2", "MailProg=/bin/true",
-            "KillWait=2", "InactiveLimit=0", "MinJobAge=10", "SlurmdTimeout=30",
+            "KillWait=2", "InactiveLimit=0", "MinJobAge=10", "SlurmdTimeout=10",
             *nodes,
             "PartitionName=phx Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "",
@@ -194,6 +201,15 @@ class SlurmCluster:
             out.append(f"--- {p.name}\n" + "\n".join(text))
         return "\n".join(out)
 
+    def job_nodes(self, job_id: str) -> str:
+        """The nodes job `job_id` holds now, in Slurm's hostlist syntax ('' once it ended)."""
+        return self.run(["squeue", "--noheader", "--jobs", job_id, "--format=%N"]).stdout.strip()
+
+    def crash_node(self, index: int) -> None:
+        """The host crashes (simhosts' crash(): every process of it, its slurmd too)."""
+        self.hosts[index].crash()
+        self._procs = [(n, p) for n, p in self._procs if p.poll() is None]
+
     def daemon_pids(self) -> list[int]:
         return [p.pid for _, p in self._procs if p.poll() is None]
 
@@ -215,14 +231,24 @@ class SlurmCluster:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A started 2-node cluster (each node 4 CPUs) on 2 simulated hosts, for a whole module.
-    Skips when the machine cannot run one (fails instead if SLURM_REQUIRE=1)."""
+def _cluster(prefix: str) -> Iterator[SlurmCluster]:
     reason = SlurmCluster.unsupported()
     if reason:
         if os.environ.get("SLURM_REQUIRE") == "1":
             pytest.fail(f"SLURM_REQUIRE=1 but {reason}")
         pytest.skip(reason)
-    with SimHosts(2, prefix="phxs") as hosts, SlurmCluster(hosts) as cluster:
+    with SimHosts(2, prefix=prefix) as hosts, SlurmCluster(hosts) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A started 2-node cluster (each node 4 CPUs) on 2 simulated hosts, for a whole module.
+    Skips when the machine cannot run one (fails instead if SLURM_REQUIRE=1)."""
+    yield from _cluster("phxs")
+
+
+@pytest.fixture
+def own_slurm_cluster() -> Iterator[SlurmCluster]:
+    """The same, for one test that may break it (crash a node): nodes phxk1 and phxk2."""
+    yield from _cluster("phxk")

@@ -9,6 +9,7 @@ Ranks are threads over real Gloo process groups and the real shared-memory engin
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import threading
@@ -321,8 +322,8 @@ def test_comm_imports_nothing_from_launch_and_launch_needs_no_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
             "import phalanx.launch.shmfiles as f, phalanx.comm.shmnames as n\n"
             "assert f.segment_path is n.segment_path and f.SHM_DIR == n.SHM_DIR\n"
-            "print(n.segment_path('job1', 3))")
+            "print(n.segment_path('job1', 3, secret='k'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "/dev/shm/phalanx-job1-g3"
+    assert re.fullmatch(r"/dev/shm/phalanx-job1-g3-[0-9a-f]{16}", out.stdout.strip())

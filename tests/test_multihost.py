@@ -10,8 +10,10 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,7 +79,9 @@ out = {"rank": r, "size": n, "local": [px.local_rank(), px.local_size()],
        "sum": px.allreduce(x, op="sum").tolist(), "max": px.allreduce(x, op="max").tolist(),
        "gather": px.allgather(torch.full((r + 1,), float(r))).tolist(),
        "bcast": px.broadcast(x, root=n - 1).tolist(), "obj": px.allgather_object(r * 10),
-       "path": "hier" if px.runtime.current().group.hier is not None else "flat"}
+       "path": "hier" if px.runtime.current().group.hier is not None else "flat",
+       "env": {k: os.environ.get(k) for k in ("PHX_FWD", "PHX_SET", "SSH_PHX_DENIED",
+                                              "SSH_PHX_FORCED")}}
 big = np.arange(100_003, dtype=np.float64) * (r + 1)   # several shared-memory rounds
 out["big"] = bool(np.array_equal(px.allreduce(big, op="sum"), np.arange(100_003.0) * n * (n + 1) / 2))
 with open(os.path.join(sys.argv[1], f"out{r}.json"), "w") as f:
@@ -99,15 +103,23 @@ def launch(hosts, slots: int, *args: str, wait: bool = True, env=None, **kw):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algo", ["auto", "gloo"])
 def test_placement_and_collectives_across_hosts(simhosts, tmp_path, algo) -> None:  # noqa: F811
-    """2 hosts x 2 ranks: placement, and every collective against numpy on the hierarchical
-    path ('auto' picks it for this layout) and on flat Gloo. The launcher's PHALANX_* settings
-    reach the remote workers."""
+    """2 hosts x 2 ranks: placement (the launcher's first line says which ranks run where), and
+    every collective against numpy on the hierarchical path ('auto' picks it for this layout)
+    and on flat Gloo. The launcher's environment reaches the remote workers (its PHALANX_*
+    settings too), less the variables it keeps back (SSH_*), which `-x NAME` forwards anyway;
+    `-x NAME=VALUE` sets one."""
     hosts = simhosts(2)
     (tmp_path / "p.py").write_text(PLACEMENT)
     env = {**ENV, "PHALANX_ALLREDUCE": algo, "PHALANX_SHM_MAX_BYTES": str(64 << 10),
-           "PHALANX_HIER_MIN_BYTES": "0"}   # small tensors go hierarchical too
-    res = launch(hosts, 2, str(tmp_path / "p.py"), str(tmp_path), cwd=tmp_path, env=env)
+           "PHALANX_HIER_MIN_BYTES": "0",   # small tensors go hierarchical too
+           "PHX_FWD": "from the launcher", "PHX_SET": "overridden", "SSH_PHX_DENIED": "1",
+           "SSH_PHX_FORCED": "2"}
+    res = launch(hosts, 2, "-x", "PHX_SET=by -x", "-x", "SSH_PHX_FORCED",
+                 str(tmp_path / "p.py"), str(tmp_path), cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.startswith(f"[phalanx] using the hosts of -H: 4 worker(s) on "
+                                 f"{hosts[0].addr}:2 (ranks 0-1), {hosts[1].addr}:2 (ranks 2-3), "
+                                 "agents started over ssh\n"), res.stderr[:500]
     outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(4)]
     x = [[[c * (r + 1) for c in row] for row in ([0.0, 1.0, 2.0], [3.0, 4.0, 5.0])]
          for r in range(4)]
@@ -120,6 +132,8 @@ def test_placement_and_collectives_across_hosts(simhosts, tmp_path, algo) -> Non
         assert o["gather"] == [0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
         assert o["obj"] == [0, 10, 20, 30] and o["big"]
         assert o["path"] == ("hier" if algo == "auto" else "flat")
+        assert o["env"] == {"PHX_FWD": "from the launcher", "PHX_SET": "by -x",
+                            "SSH_PHX_DENIED": None, "SSH_PHX_FORCED": "2"}, o["env"]
 
 
 def _wait_for_steps(out: Path, n: int, timeout: float) -> None:
@@ -161,7 +175,8 @@ def _check_finished(out: Path, size: int, epochs: int | None) -> list[dict]:
 def test_losing_a_whole_host(simhosts, tmp_path, fault) -> None:  # noqa: F811
     """Host 2 (two workers and its agent) crashes or is cut off mid-training: the workers on
     host 1 re-form once and finish with bitwise-equal parameters, every sample exactly once;
-    nothing of the job is left running on the lost host."""
+    nothing of the job is left running on the lost host. The launcher names the lost host, how
+    it went (its ssh session's end, or its silence) and each lost worker's pid there."""
     hosts = simhosts(2)
     out = tmp_path / "out"
     out.mkdir()
@@ -180,11 +195,69 @@ def test_losing_a_whole_host(simhosts, tmp_path, fault) -> None:  # noqa: F811
     _check_finished(out, size=2, epochs=3)
     last = stderr.strip().splitlines()[-1]
     assert "2 fault(s) recovered" in last, last
-    if fault == "crash":
-        assert f"host {hosts[1].addr} lost" in stderr
+    how = ("its ssh session exited with code 255 (ssh's status when the connection fails or "
+           "drops)" if fault == "crash" else "its agent has been silent for more than 1.5s and "
+           "every worker there is lost: the host crashed or its network is cut")
+    lost = [ln for ln in stderr.splitlines() if f"host {hosts[1].addr} lost: {how}" in ln]
+    assert lost and all(re.search(r"\(worker w[23], pid [1-9]\d*\)", ln) for ln in lost
+                        if "rank" in ln), stderr[-3000:]
+    assert "pid -1" not in stderr
     time.sleep(1 if fault == "crash" else 2)  # the cut-off agent stops its workers by itself
     left = [p for p in hosts[1].pids() if "python" in _cmdline(p)]
     assert not left, f"processes of the job left on the lost host: {left}"
+
+
+@pytest.mark.timeout(150)
+def test_agents_fire_timed_chaos_and_prefix_with_the_stable_worker_id(simhosts, tmp_path) -> None:  # noqa: F811
+    """-H a:1,b:1 --chaos kill:worker=w0,after=...: host a's agent sends the real SIGKILL (the
+    program needs no chaos hook), w1 on host b becomes rank 0 and host b's agent prefixes its
+    lines `[rank0 w1]`; the launcher counts the rule as fired."""
+    hosts = simhosts(2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "job.py").write_text(JOB)
+    proc = launch(hosts, 1, "--min-np", "1", "--chaos", "kill:worker=w0,after=25s",
+                  str(tmp_path / "job.py"), str(out), "0", "0.05", wait=False, cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")),
+                              daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 110
+        while not any("recovered in" in ln for ln in lines) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.2)
+        (out / "stop").touch()
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines)
+    assert proc.returncode == 0, text[-3000:]
+    assert re.search(r"\[phalanx agent \S+\] \[chaos\] sending SIGKILL to worker w0 \(pid \d+\) "
+                     r"\d+\.\ds into the job", text), text[-3000:]
+    assert "never fired" not in text
+    # The coordinator may see its heartbeat stop and fence it before its agent reaps it.
+    assert re.search(r"rank 0 \(worker w0, pid \d+\) was killed by SIGKILL( \(fenced by the "
+                     r"launcher\))?; continuing without", text), text[-3000:]
+    assert re.search(r"\[rank0 w1\]: .*recovered in", text), text[-3000:]
+    _check_finished(out, size=1, epochs=None)
+
+
+@pytest.mark.timeout(90)
+def test_a_remote_worker_that_dies_before_joining_fails_the_job(simhosts, tmp_path) -> None:  # noqa: F811
+    """A worker on host b exits with status 4 during its imports, before it ever joined: its
+    agent's report reaches the launcher (it used to be dropped, and the job waited forever)."""
+    hosts = simhosts(2)
+    (tmp_path / "job.py").write_text(
+        "import os, sys\nif os.environ['PHALANX_RANK'] == '1':\n    sys.exit(4)\n"
+        "import phalanx as px\npx.init()\npx.barrier()\n")
+    res = launch(hosts, 1, str(tmp_path / "job.py"), cwd=tmp_path)
+    assert res.returncode == 4, res.stderr[-3000:]
+    assert re.search(r"job failed: rank 1 \(worker w1, pid \d+\) exited with code 4",
+                     res.stderr), res.stderr[-3000:]
 
 
 @pytest.mark.timeout(120)

@@ -208,7 +208,7 @@ def _shared_worker(rank: int, size: int, path: str, pids: list[int]) -> list[str
     torch.set_num_threads(1)
     eng = ShmAllreduce(path, rank, size, capacity_bytes=CAP, timeout=30.0,
                        peer_pids=pids, block_bytes=BLOCK)
-    eng.buffers = SharedBuffers(path, rank)
+    eng.buffers = SharedBuffers(path, rank, secret="test")
     bad: list[str] = []
     try:
         seed = 1000
@@ -448,7 +448,7 @@ import logging, os, sys, torch
 from phalanx.comm.shmbuf import SharedBuffers
 from phalanx.train.buckets import build_buckets
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
-home = SharedBuffers(sys.argv[1] + "/seg", 0)
+home = SharedBuffers(sys.argv[1] + "/seg", 0, secret="test")
 small = home.empty(1000, torch.float32)          # fits
 try:
     home.empty(1 << 20, torch.float32)            # 4 MiB on a 1 MiB tmpfs

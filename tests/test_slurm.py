@@ -5,6 +5,8 @@ against Slurm's own `scontrol show hostnames`. Real jobs run on a real Slurm (te
 slurmctld and munged here, one slurmd per simulated host): `salloc` runs the launcher on this
 machine and `sbatch` on the first node; either way `phalanx run` without -H reads the
 allocation and srun starts one agent per node, which gets the job secret on its stdin.
+A node that crashes under `sbatch --no-kill` is a lost host and the job trains on; without
+--no-kill (which Slurm's default kills the allocation for) the launcher warns at start.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from conftest import REPO
 from phalanx.errors import ConfigError
 from phalanx.launch import slurm
 from phalanx.launch.hosts import HostSlots
-from slurmfix import slurm_cluster  # noqa: F401 - the fixture
-from test_multihost import JOB, PLACEMENT, _check_finished, _cmdline
+from slurmfix import own_slurm_cluster, slurm_cluster  # noqa: F401 - the fixtures
+from test_multihost import JOB, PLACEMENT, _check_finished, _cmdline, _wait_for_steps
 
 CLI = [sys.executable, "-m", "phalanx.launch.cli"]
 
@@ -119,6 +121,36 @@ def test_srun_starts_one_task_on_the_named_node() -> None:
     for opt in ("--jobid=42", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
                 "--nodelist=gpu02", "--overlap", "--kill-on-bad-exit=0"):
         assert opt in argv
+    assert slurm.SrunStarter("42").why_ended(HostSlots(name="gpu02", slots=1), 1) == \
+        "its srun step exited with code 1"
+
+
+def test_no_kill_is_read_from_options_scripts_and_the_environment(monkeypatch) -> None:
+    """What submitted an allocation says of --no-kill: the last option wins, #SBATCH lines count
+    up to the first command, SBATCH_NO_KILL / SALLOC_NO_KILL as sbatch and salloc read them."""
+    assert slurm.no_kill_option(["-N2", "--no-kill", "x.sh"]) is True
+    assert slurm.no_kill_option(["-k"]) is True and slurm.no_kill_option(["-N2"]) is None
+    assert slurm.no_kill_option(["--no-kill", "--no-kill=off"]) is False
+    script = ("#!/bin/bash\n# a comment\n#SBATCH -N 2 --ntasks-per-node=4  # two nodes\n\n"
+              "#SBATCH --no-kill\nphalanx run train.py\n#SBATCH --no-kill=off\n")
+    assert slurm.batch_directives(script) == ["-N", "2", "--ntasks-per-node=4", "--no-kill"]
+    assert slurm.kill_on_node_loss("1", {"SBATCH_NO_KILL": "1"}) is False
+    assert slurm.kill_on_node_loss("1", {"SALLOC_NO_KILL": "off"}) is True
+    shows = {"batch": "JobId=7 BatchFlag=1 Restarts=0\n",
+             "submit": "JobId=7 BatchFlag=0\n   SubmitLine=salloc -N2 --no-kill bash\n",
+             "salloc": "JobId=7 BatchFlag=0 Restarts=0\n"}
+    for show, script, expected in [("batch", "#!/bin/sh\n#SBATCH --no-kill\n", False),
+                                   ("batch", "#!/bin/sh\nphalanx run x.py\n", True),
+                                   ("submit", "", False), ("salloc", "", None)]:
+        monkeypatch.setattr(slurm, "_scontrol", lambda *a, show=show, script=script:
+                            shows[show] if a[0] == "show" else script)
+        assert slurm.kill_on_node_loss("7", {}) is expected, (show, script)
+    assert slurm.node_loss_warning("7", {"SALLOC_NO_KILL": "1"}) is None
+    monkeypatch.setattr(slurm, "_scontrol", lambda *a: None)  # no scontrol: cannot tell
+    warning = slurm.node_loss_warning("7", {})
+    assert warning is not None and warning.startswith("warning: cannot tell whether Slurm "
+                                                      "allocation 7 was submitted with --no-kill")
+    assert "#SBATCH --no-kill" in warning
 
 
 @pytest.mark.timeout(60)
@@ -220,7 +252,10 @@ def test_salloc_job_runs_on_the_allocation_and_keeps_the_secret(slurm_cluster,  
         f"the secret is in the environment of non-workers: {in_env}"
     assert len(agents) == 2 and parents == ["slurmstepd"], (agents, parents)
     nodes = cluster.nodes
-    assert "using Slurm allocation" in stderr and f"{nodes[0]}:2, {nodes[1]}:2" in stderr
+    assert "using Slurm allocation" in stderr and \
+        f"{nodes[0]}:2 (ranks 0-1), {nodes[1]}:2 (ranks 2-3)" in stderr
+    warning = [ln for ln in stderr.splitlines() if ln.startswith("[phalanx] warning:")]
+    assert len(warning) == 1 and "--no-kill" in warning[0], stderr[-3000:]  # salloc's default
     outs = [json.loads((out / f"out{r}.json").read_text()) for r in range(4)]
     for r, o in enumerate(outs):
         assert (o["rank"], o["size"], o["host"]) == (r, 4, nodes[r // 2])
@@ -231,32 +266,88 @@ def test_salloc_job_runs_on_the_allocation_and_keeps_the_secret(slurm_cluster,  
     assert not leaked and secret not in stdout + stderr, leaked
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_sbatch_job_trains_on_two_nodes(slurm_cluster, tmp_path) -> None:  # noqa: F811
-    """`sbatch --wait -N 2 --ntasks-per-node=2` whose script is `phalanx run job.py`: the
-    launcher runs on the first node (node names resolve only through Slurm there), and 4
-    workers train to bitwise-equal parameters, every sample once per epoch."""
-    cluster = slurm_cluster
-    out = tmp_path / "out"
-    out.mkdir()
-    (tmp_path / "job.py").write_text(JOB)
-    log = tmp_path / "slurm.out"
-    cmd = f"exec {sys.executable} -m phalanx.launch.cli run {tmp_path / 'job.py'} {out} 2 0"
-    proc = subprocess.Popen(
-        ["sbatch", "--wait", "--parsable", "-N2", "--ntasks-per-node=2", "-o", str(log),
-         "--wrap", cmd], env=_env(cluster), cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _sbatch(cluster, args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(["sbatch", "--wait", "--parsable", "-N2", "--ntasks-per-node=2", "-o",
+                             str(log), *args], env=_env(cluster), cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(cluster, proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """sbatch --wait's output; past `timeout` (or on failure) every job of ours is cancelled."""
     stdout = stderr = ""
     try:
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         _stop(proc)
         if proc.returncode != 0:  # a job outlives its sbatch --wait; this cluster is ours
             cluster.run(["scancel", "--user=root"])
+    return stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_sbatch_without_no_kill_warns_at_start(slurm_cluster, tmp_path) -> None:  # noqa: F811
+    """`sbatch --wait -N 2 --ntasks-per-node=2 --wrap 'phalanx run p.py'`: the launcher runs on
+    the first node (node names resolve only through Slurm there), says where each rank runs,
+    then warns that Slurm's default kills the allocation when a node fails."""
+    cluster = slurm_cluster
+    (tmp_path / "p.py").write_text("import phalanx as px\npx.init()\n")
+    log = tmp_path / "slurm.out"
+    cmd = f"exec {sys.executable} -m phalanx.launch.cli run {tmp_path / 'p.py'}"
+    stdout, stderr = _finish(cluster, _sbatch(cluster, ["--wrap", cmd], log, tmp_path), 50)
+    text = log.read_text() if log.exists() else ""
+    assert stdout.strip() and "job finished" in text, stderr + text[-3000:] + cluster.logs()
+    lines = text.splitlines()
+    assert lines[0] == (f"[phalanx] using Slurm allocation {stdout.strip()}: 4 worker(s) on "
+                        f"{cluster.nodes[0]}:2 (ranks 0-1), {cluster.nodes[1]}:2 (ranks 2-3), "
+                        "agents started with srun (--no-slurm: this machine only)"), text[:2000]
+    assert lines[1].startswith(f"[phalanx] warning: Slurm allocation {stdout.strip()} was not "
+                               "submitted with --no-kill"), text[:2000]
+    assert "#SBATCH --no-kill" in lines[1], lines[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_no_kill_job_trains_past_a_crashed_node(own_slurm_cluster, tmp_path) -> None:  # noqa: F811
+    """`#SBATCH --no-kill`, 4 workers on 2 nodes: node 2 crashes (its slurmd, agent and workers
+    at once). The launcher reports the lost host (its name, the workers' pids there; no Gloo
+    essay), the 2 survivors re-form and keep training past the moment Slurm sets the node DOWN
+    (which would have killed the allocation without --no-kill), and finish with bitwise-equal
+    parameters, every sample exactly once per epoch. No warning at start."""
+    cluster = own_slurm_cluster
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "job.py").write_text(JOB)
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/sh\n#SBATCH --no-kill\nexec {sys.executable} -m "
+                      "phalanx.launch.cli run --min-np 2 --heartbeat-timeout 1.5 "
+                      f"{tmp_path / 'job.py'} {out} 0 0.05\n")
+    log = tmp_path / "slurm.out"
+    proc = _sbatch(cluster, [str(script)], log, tmp_path)
+    lost = cluster.nodes[1]
+    try:
+        _wait_for_steps(out, 8, timeout=60)
+        job = cluster.run(["squeue", "--noheader", "--format=%i"]).stdout.split()
+        assert len(job) == 1, job
+        cluster.crash_node(1)
+        deadline = time.monotonic() + 60  # Slurm gives up on it ~2 SlurmdTimeouts (10 s) later
+        while cluster.job_nodes(job[0]) != cluster.nodes[0] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cluster.job_nodes(job[0]) == cluster.nodes[0], cluster.logs()
+        time.sleep(2)  # the moment Slurm would have cancelled the job without --no-kill
+        assert proc.poll() is None, log.read_text()[-3000:]
+        (out / "stop").touch()
+        _, stderr = _finish(cluster, proc, 60)
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+            cluster.run(["scancel", "--user=root"])
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, stderr + text[-3000:] + cluster.logs()
-    assert f"using Slurm allocation {stdout.strip()}: 4 worker(s) on " \
-           f"{cluster.nodes[0]}:2, {cluster.nodes[1]}:2" in text, text[-3000:]
+    assert "[phalanx] warning" not in text and "(ranks 2-3)" in text.splitlines()[0], text[:2000]
+    gone = [ln for ln in text.splitlines() if f"host {lost} lost:" in ln and "rank" in ln]
+    assert gone and all(re.search(r"\(worker w[23], pid [1-9]\d*\)", ln) for ln in gone), text
+    assert "pid -1" not in text and "This is typically caused" not in text, text[-3000:]
     assert "job finished" in text.strip().splitlines()[-1], text[-3000:]
-    _check_finished(out, size=4, epochs=2)
+    _check_finished(out, size=2, epochs=None)

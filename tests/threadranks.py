@@ -37,7 +37,7 @@ def run_ranks(n: int, fn: Callable[[Group], Any], *, algo: str = "gloo", timeout
             mine = [i for i, h in enumerate(hosts) if h == hosts[r]]
             place = Placement(generation=generation, rank=r, size=n, local_rank=mine.index(r),
                               local_size=len(mine), hosts=hosts, pids=[os.getpid()] * n)
-            group = Group(place, store, config, job_id=job)
+            group = Group(place, store, config, job_id=job, secret=job)
             results[r] = fn(group)
         except BaseException as e:  # returned to the test, which asserts on it
             results[r] = e

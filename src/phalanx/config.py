@@ -13,6 +13,10 @@ from . import env
 from .errors import ConfigError
 
 ALLREDUCE_ALGOS = ("auto", "shm", "hier", "gloo", "nccl")
+CHECKPOINT_ERROR_POLICIES = ("fail", "warn")
+"""What failed checkpoint saves do: fail the job after CHECKPOINT_MAX_FAILURES in a row, or warn."""
+CHECKPOINT_MAX_FAILURES = 3
+"""Checkpoint saves that may fail in a row before the job fails (with 'fail')."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -34,17 +34,22 @@ ELASTIC = "PHALANX_ELASTIC"
 GROWTH = "PHALANX_GROWTH"
 TIMELINE = "PHALANX_TIMELINE"
 METRICS = "PHALANX_METRICS"
+FRESH = "PHALANX_FRESH"
+"""1 (`phalanx run --fresh`): checkpointers start from step 0 instead of resuming."""
+CHECKPOINT_ERRORS = "PHALANX_CHECKPOINT_ERRORS"
+"""`phalanx run --checkpoint-errors`: 'fail' (default) or 'warn' when checkpoint saves fail."""
 HOROVOD_TIMELINE = "HOROVOD_TIMELINE"
 """Horovod's name for the timeline file; honoured when PHALANX_TIMELINE is unset."""
 
 ALL = (RANK, SIZE, LOCAL_RANK, LOCAL_SIZE, WORKER_ID, COORD_ADDR, SECRET, JOB_ID, HOST,
        BIND_ADDR, TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, STARTER, ERROR_FILE, ALLREDUCE_ALGO, SHM_MAX_BYTES,
-       CHECK_COLLECTIVES, CHAOS, ELASTIC, GROWTH, HIER_MIN_BYTES, TIMELINE, METRICS)
+       CHECK_COLLECTIVES, CHAOS, ELASTIC, GROWTH, HIER_MIN_BYTES, TIMELINE, METRICS, FRESH,
+       CHECKPOINT_ERRORS)
 
 FORWARDED = (HEARTBEAT_INTERVAL, ALLREDUCE_ALGO, SHM_MAX_BYTES, HIER_MIN_BYTES, CHECK_COLLECTIVES,
-             TIMELINE, METRICS)
-"""Job-wide settings the launcher passes on to workers on other hosts (via `phalanx agent
---env`), since SSH and srun do not carry the launcher's environment there."""
+             TIMELINE, METRICS, CHECKPOINT_ERRORS)
+"""Job-wide settings always passed on to workers elsewhere: other hosts (with the rest of the
+launcher's environment, on each agent's stdin: launch/remote.py), Ray actors, Spark tasks."""
 
 
 def forwarded(extra: dict[str, str]) -> dict[str, str]:

@@ -35,3 +35,8 @@ class WorkerLost(PhalanxError):
 
 class AuthenticationError(PhalanxError):
     """A coordinator message failed its HMAC check (wrong or missing job secret)."""
+
+
+class CheckpointError(PhalanxError):
+    """A checkpoint directory that cannot be trusted or shared, checkpoints that cannot be
+    loaded, or saves that keep failing; the message says what to do."""

@@ -77,7 +77,7 @@ class Runtime:
             place = Placement(generation=1, rank=0, size=1, local_rank=0, local_size=1,
                               hosts=[self.host], pids=[os.getpid()])
             self.group = Group(place, dist.HashStore(), config, job_id=self.job_id,
-                               recorder=self.recorder)
+                               secret=self.object_key, recorder=self.recorder)
 
     def _static(self, e: static.StaticEnv) -> Group:
         """A fixed-membership job started by torchrun & co. (see `phalanx.static`)."""
@@ -90,7 +90,8 @@ class Runtime:
                           local_size=len(mine), hosts=hosts, pids=pids)
         if env.get_str(env.BIND_ADDR) is None:
             self.config.bind_addr = static.bind_address(e)
-        return Group(place, store, self.config, job_id=self.job_id, recorder=self.recorder)
+        return Group(place, store, self.config, job_id=self.job_id, secret=self.object_key,
+                     recorder=self.recorder)
 
     def _form(self, after: int) -> Group:
         assert self.client is not None  # only called for launched jobs
@@ -104,7 +105,7 @@ class Runtime:
         store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout,
                            abort_check=self.client.abort_reason)
         self.recorder.place(place.rank, place.generation)
-        return Group(place, store, self.config, job_id=self.job_id,
+        return Group(place, store, self.config, job_id=self.job_id, secret=self.object_key,
                      abort_check=self.client.abort_reason, status=self._lost_ranks,
                      recorder=self.recorder)
 

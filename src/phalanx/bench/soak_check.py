@@ -66,7 +66,8 @@ def make_spec(faults: int, *, seed: int, gap: tuple[int, int], warmup: int,
 
 
 # ---------------------------------------------------------------------- the launcher's log
-_CHAOS = re.compile(r"\[chaos\] (?:sending (SIG\w+) to|cutting) rank (\d+) \(pid (\d+)\) "
+_CHAOS = re.compile(r"\[chaos\] (?:sending (SIG\w+) to|cutting) rank (\d+) "
+                    r"\((?:worker \S+, )?pid (\d+)\) "
                     r"(?:at step (\d+)|during recovery (\d+))")
 _SIGNAL_KIND = {"SIGKILL": "kill", "SIGSTOP": "stop", "SIGTERM": "term"}
 _EXIT = re.compile(r"\[phalanx\] rank \d+ \(worker (\S+), pid (\d+)\) (.*?); "

@@ -9,6 +9,7 @@ always names global ranks and carries the generation, whichever path failed.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,15 +85,30 @@ class TransportError(RuntimeError):
     """A process-group operation failed in transport (peer gone, connection reset, timeout)."""
 
 
+def brief(e: BaseException, limit: int = 160) -> str:
+    """A transport error in one short phrase: its first line, without Gloo's source location
+    and advice ("This is typically caused by ..."), at most `limit` characters."""
+    lines = str(e).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*:\d+\]\s*", "", lines[0]) if lines else type(e).__name__
+    text = text.split(". This is typically caused", 1)[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Group:
-    """Collectives among the ranks of one generation."""
+    """Collectives among the ranks of one generation.
+
+    `secret` is a key every rank of the job holds and no other local user does (the job's
+    secret, or a key derived from it): the names of the shared-memory files derive from it
+    (`comm/shmnames.py`), so nobody else can plant one.
+    """
 
     def __init__(self, place: Placement, store: dist.Store, config: Config, *, job_id: str,
-                 abort_check: Callable[[], str | None] | None = None,
+                 secret: str | bytes, abort_check: Callable[[], str | None] | None = None,
                  status: Callable[[], list[int]] | None = None,
                  recorder: Recorder | None = None, scope: str = "") -> None:
         self.place = place
         self.job_id = job_id
+        self._secret = secret
         self.members: tuple[int, ...] | None = None
         """For a subgroup (`subgroup.open_subgroup`): the job ranks of its members."""
         self.subgroups: dict[tuple[int, ...], Group] = {}
@@ -121,11 +137,12 @@ class Group:
         """The shared-memory engine when every rank is on this host."""
         self.hier: Hierarchy | None = None
         """Host-level shared memory plus cross-host Gloo, when the hosts are `uniform`."""
-        self.shm_path = segment_path(job_id, place.generation)
+        self.shm_path = segment_path(job_id, place.generation, secret=secret)
         path = self._pick_path()
         if path == "shm":
             self.shm = self._open_shm()
-            self.shm.buffers = SharedBuffers(self.shm_path, place.local_rank, place.generation)
+            self.shm.buffers = SharedBuffers(self.shm_path, place.local_rank, place.generation,
+                                             secret=secret)
         elif path == "hier":
             self._open_hier()
 
@@ -151,7 +168,8 @@ class Group:
         # Segment names carry the host, so hosts that share a /dev/shm (one machine listed
         # under several names) never collide.
         host_index = sorted(set(place.hosts)).index(place.hosts[place.rank])
-        self.shm_path = f"{self.shm_path}-h{host_index}"
+        self.shm_path = segment_path(self.job_id, place.generation, secret=self._secret,
+                                     host=host_index)
         cross_ranks = place._cross()
         try:
             cross = dist.ProcessGroupGloo(self._sub_store(f"cross{place.local_rank}"),
@@ -263,11 +281,14 @@ class Group:
         except TransportError as e:
             lost = self._lost_ranks() if self._lost_ranks else []
             who = f"rank(s) {lost}" if lost else "a peer"
+            hosts = sorted({self.place.hosts[r] for r in lost if 0 <= r < len(self.place.hosts)})
+            if hosts and len(set(self.place.hosts)) > 1:  # a job across hosts: say which
+                who += f" (on host {', '.join(hosts)})"
             self.broken = f"{who} failed during {what}"
             me = self.place.rank if self.members is None else (
                 f"{self.members[self.place.rank]} (in the subgroup of ranks {list(self.members)})")
             raise WorkerLost(f"{what} failed on rank {me}: {who} of generation "
-                             f"{self.place.generation} died, stopped or was cut off ({e})",
+                             f"{self.place.generation} died, stopped or was cut off ({brief(e)})",
                              lost_ranks=lost, generation=self.place.generation) from e
         finally:
             self._since = None

@@ -1,8 +1,10 @@
 """Tensors in shared memory that the other ranks of the host can read in place.
 
 A rank allocates a long-lived buffer it reduces often (a gradient bucket) with `empty`; the
-memory is a file under /dev/shm next to the group's segment, ``<segment>.b<local rank>.<seq>``,
-so every name stays under the job's prefix and the launcher removes what a crash leaves. An
+memory is a file under /dev/shm next to the group's segment, ``<segment>.b<local rank>.<seq>``
+plus a token keyed by the job's secret (`shmnames.buffer_path`), so every name stays under the
+job's prefix (the launcher removes what a crash leaves) and no other user can plant one. Its
+owner creates it exclusively; peers map it only if it is the owner's 0600 file (`shmfile`). An
 allreduce of such a tensor (`ShmAllreduce.allreduce_`) tells the peers where it lives with one
 signature word (`locate`); when every rank's tensor is shared, the peers read and write each
 other's buffers directly and nothing is copied through the segment's slots. Peers map a
@@ -18,6 +20,8 @@ import os
 import torch
 
 from ..errors import ConfigError, WorkerLost
+from . import shmfile
+from .shmnames import buffer_path
 
 __all__ = ["SharedBuffers"]
 
@@ -28,22 +32,24 @@ _MAX_SEQ = 1 << 22
 class SharedBuffers:
     """This rank's shared buffers in one group, and its mappings of the peers' ones."""
 
-    def __init__(self, prefix: str, local_rank: int, generation: int | None = None) -> None:
+    def __init__(self, prefix: str, local_rank: int, generation: int | None = None, *,
+                 secret: str | bytes) -> None:
         self.prefix, self.local_rank, self.generation = prefix, local_rank, generation
+        self._secret = secret
         self._own: list[tuple[int, int, int]] = []     # (data_ptr, nbytes, seq)
-        self._named: dict[int, str] = {}               # seq -> path not yet unlinked
+        self._named: dict[int, tuple[str, shmfile.Ident]] = {}  # seq -> name not yet removed
         self._keep: dict[int, mmap.mmap] = {}
         self._peers: dict[tuple[int, int], torch.Tensor] = {}
         self._seq = 0
         self.closed = False
 
     def _path(self, local_rank: int, seq: int) -> str:
-        return f"{self.prefix}.b{local_rank}.{seq}"
+        return buffer_path(self.prefix, local_rank, seq, secret=self._secret)
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised flat CPU tensor of `numel` elements in a new shared buffer.
 
-        Raises OSError when /dev/shm cannot hold it."""
+        Raises OSError when /dev/shm cannot hold it, ConfigError if the name exists."""
         if self.closed:
             raise ConfigError("SharedBuffers.empty: the group is closed; allocate in the "
                               "current generation's group")
@@ -52,7 +58,8 @@ class SharedBuffers:
         esize = torch.empty((), dtype=dtype).element_size()
         nbytes = max(1, numel) * esize
         seq, path = self._seq, self._path(self.local_rank, self._seq)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd = shmfile.create(path)
+        owned = shmfile.ident(fd)
         try:
             # Reserve the pages now: on a full /dev/shm this raises ENOSPC here, where the
             # caller can fall back to private memory, instead of SIGBUS at a later write.
@@ -62,7 +69,7 @@ class SharedBuffers:
                 os.ftruncate(fd, nbytes)
             mm = mmap.mmap(fd, nbytes)
         except BaseException:
-            os.unlink(path)
+            shmfile.unlink_if(path, owned)
             raise
         finally:
             os.close(fd)
@@ -71,7 +78,7 @@ class SharedBuffers:
         # Kept mapped for the group's life, so no later allocation can take these addresses
         # and be taken by `locate` for this buffer.
         self._keep[seq] = mm
-        self._named[seq] = path
+        self._named[seq] = (path, owned)
         self._own.append((t.data_ptr(), numel * esize, seq))
         return t
 
@@ -102,7 +109,7 @@ class SharedBuffers:
     def _map(self, local_rank: int, seq: int) -> torch.Tensor:
         path = self._path(local_rank, seq)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = shmfile.open_existing(path)
         except OSError as e:
             raise WorkerLost(f"could not map local rank {local_rank}'s shared buffer {path}: "
                              f"{e}", generation=self.generation) from e
@@ -117,21 +124,14 @@ class SharedBuffers:
 
     def mapped(self, word: int) -> None:
         """Every peer has mapped the buffer at `word`: its name can go."""
-        path = self._named.pop(word >> _OFF_BITS, None)
-        if path is not None:
-            _unlink(path)
+        named = self._named.pop(word >> _OFF_BITS, None)
+        if named is not None:
+            shmfile.unlink_if(*named)
 
     def close(self) -> None:
         """Remove this rank's remaining names and forget every mapping (the memory lives on
         while tensors view it)."""
-        for path in self._named.values():
-            _unlink(path)
+        for named in self._named.values():
+            shmfile.unlink_if(*named)
         self._named, self._peers, self._keep, self._own = {}, {}, {}, []
         self.closed = True
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -3,7 +3,8 @@
 The segment holds one sequence flag per local rank, two buffers of per-rank op signatures, one
 input slot per rank and a result area.  `ShmSegment` maps it, exchanges and checks signatures
 (a CollectiveMismatch on every rank instead of a hang), and detects lost peers; `ShmAllreduce`
-(`comm/shm.py`) moves tensors through it.
+(`comm/shm.py`) moves tensors through it.  Local rank 0 creates the file (exclusively, 0600,
+never through a link); the others open it only if it is that file (`comm/shmfile.py`).
 
 Synchronisation uses no locks: each rank owns a monotonically increasing int64 sequence flag
 on its own 64-byte cache line.  A "sync" increments the own flag and waits until every flag
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import CollectiveMismatch, ConfigError, WorkerLost
-from . import ops
+from . import ops, shmfile
 
 __all__ = ["Explain", "ShmSegment"]
 
@@ -153,6 +154,7 @@ class ShmSegment:
         self._lost_ranks: list[int] = []
         self._seq = 0           # value of the own flag after the last sync
         self._nops = 0          # ops started; parity selects the signature buffer
+        self._next_check = 0.0  # when to check peers next while waiting for the segment
 
         P = local_size
         sig_off = _LINE * P
@@ -161,7 +163,8 @@ class ShmSegment:
         self._result_off = self._data_off + P * self._slot_stride
         self.total_bytes = self._result_off + self._slot_stride
 
-        self._fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        self._fd = self._open()
+        self._ident = shmfile.ident(self._fd)
         try:
             # Grow only: a new file is zero-filled, so all flags start at 0.  Never shrink,
             # or a rank mapped with a larger layout would fault (SIGBUS); a capacity mismatch
@@ -171,6 +174,8 @@ class ShmSegment:
             self._mm = mmap.mmap(self._fd, self.total_bytes)
         except BaseException:
             os.close(self._fd)
+            if local_rank == 0:
+                self.unlink()
             raise
         all_i64 = np.frombuffer(self._mm, dtype=np.int64, count=self._data_off // 8)
         self._flags = all_i64[:sig_off // 8:_LINE // 8]
@@ -184,12 +189,29 @@ class ShmSegment:
         self._views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     # ----------------------------------------------------------------------------- lifecycle
+    def _open(self) -> int:
+        """Local rank 0 creates the segment (exclusively, at full size, 0600); the others wait
+        for it and open it only if it is that file (see `comm/shmfile.py`)."""
+        if self.local_rank == 0:
+            return shmfile.create_linked(self.path, self.total_bytes)
+        fd = shmfile.wait_open(self.path, self.timeout, self._check_creator)
+        if fd is None:
+            raise self._lost(f"{self._who([0])} did not create the shared-memory segment "
+                             f"{self.path!r} within {self.timeout}s (seen by "
+                             f"{self._who([self.local_rank])})", [0])
+        return fd
+
+    def _check_creator(self) -> None:
+        """While waiting for the segment: give up if the job aborts or a peer died."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + _CHECK_S
+            self._check_health([0], 0.0)
+
     def unlink(self) -> None:
-        """Remove the file name; existing mappings stay valid.  Idempotent."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        """Remove the file name (if it is still our segment's); existing mappings stay valid.
+        Idempotent."""
+        shmfile.unlink_if(self.path, self._ident)
 
     def close(self) -> None:
         """Unmap the segment and close the fd.  Idempotent."""

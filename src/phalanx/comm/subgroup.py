@@ -34,7 +34,8 @@ def open_subgroup(parent: Group, members: tuple[int, ...]) -> Group:
         return sub
     tag = "set" + hashlib.sha256(repr(members).encode()).hexdigest()[:12]
     sub = Group(sub_placement(parent.place, members), parent._sub_store(tag), parent.config,
-                job_id=f"{parent.job_id}-{tag}", abort_check=parent._abort_check,
+                job_id=f"{parent.job_id}-{tag}", secret=parent._secret,
+                abort_check=parent._abort_check,
                 status=parent._lost_ranks, recorder=parent.recorder, scope=f"{tag}/")
     sub.members = members
     parent.subgroups[members] = sub

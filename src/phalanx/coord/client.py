@@ -179,7 +179,7 @@ class CoordClient:
 
     def leave(self) -> None:
         try:
-            self.request({"op": "leave", "worker": self.worker})
+            self.request({"op": "leave", "worker": self.worker, "step": self.step})
         except RendezvousError:
             pass
 
@@ -216,11 +216,14 @@ class CoordClient:
             if not reply.get("ok"):
                 return
 
-    def watch(self, starter: str, stopped: list[str], timeout: float = 1.0) -> dict[str, Any]:
+    def watch(self, starter: str, stopped: list[str], timeout: float = 1.0, *,
+              workers: list[str] | None = None, generation: int = -1) -> dict[str, Any]:
         """For a starter (agent, `phalanx join`): report stopped workers and wait up to
-        `timeout` for orders to fence some of them."""
+        `timeout` for orders to fence some of them. With its `workers` and the `generation`
+        it knows, a newer generation's ranks for them come back too (`ranks`)."""
         reply, _ = self._checked({"op": "watch", "starter": starter, "stopped": stopped,
-                                  "timeout": timeout})
+                                  "timeout": timeout, "workers": workers or [],
+                                  "generation": generation})
         return reply
 
     def abort_reason(self) -> str | None:

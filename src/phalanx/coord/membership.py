@@ -75,6 +75,10 @@ class Membership(StoreOps, StarterOps):
         self.seen_keys: set[str] = set()
         self.errors: dict[str, dict[str, Any]] = {}
         """Exceptions workers reported before exiting, by worker id."""
+        self.formed: set[str] = set()
+        """Every worker that was ever in a generation."""
+        self.ranks: dict[str, int] = {}
+        """Worker id -> rank in the current generation."""
         self._wait_since: float | None = None
         self._stop = stop
         self._quiet = False
@@ -140,6 +144,16 @@ class Membership(StoreOps, StarterOps):
         with self.cv:
             m = self.members.get(worker)
             return m is not None and not m.alive and not m.left and worker not in self.errors
+
+    def last_step(self, worker: str) -> int:
+        """The last step this worker reported completing (-1: none, or never joined)."""
+        with self.cv:
+            m = self.members.get(worker)
+            return m.step if m is not None else -1
+
+    def rank_of(self, worker: str) -> int | None:
+        """The worker's rank in the current generation, if it is in it."""
+        return self.ranks.get(worker)  # replaced, never changed in place: no lock needed
 
     def is_live(self, worker: str) -> bool:
         """True if the worker joined and is neither lost nor departed."""
@@ -269,10 +283,12 @@ class Membership(StoreOps, StarterOps):
             return self._status_reply(generation), b""
 
     def _op_leave(self, h: dict[str, Any], _: bytes) -> Reply:
-        worker = _str(h, "worker", 256)
+        worker, step = _str(h, "worker", 256), _int(h, "step", -1)
         with self.cv:
             m = self.members.get(worker)
             if m is not None and m.alive:
+                m.step = max(m.step, step)  # its final step, newer than its last heartbeat's
+                self.max_step = max(self.max_step, step)
                 m.alive = False
                 m.left = True
                 m.waiting = False
@@ -393,6 +409,8 @@ class Membership(StoreOps, StarterOps):
                            steps=[self.members[w].step for w in order])
         for w in order:
             self.members[w].waiting = False
+        self.formed.update(order)
+        self.ranks = {w: r for r, w in enumerate(order)}
         self._wait_since = None
         # Bootstrap keys of older generations are dead weight now.
         for k in [k for k in self.kv if k.startswith("g") and k.split("/", 1)[0][1:].isdigit()

@@ -28,6 +28,8 @@ class StarterOps:
     starter_seen: dict[str, float]
     """Starter -> when it last asked for orders or reported an exit (time.monotonic())."""
     failed: str | None
+    ranks: dict[str, int]
+    world: Any
 
     def order_spawn(self, starter: str, slot: int, worker: str) -> None:
         """Ask `starter` to start a worker for rank slot `slot` under id `worker`."""
@@ -59,8 +61,10 @@ class StarterOps:
         """A starter elsewhere (an agent, `phalanx join`) waits for fence orders for its
         workers and reports which of them are stopped (SIGSTOP: state T)."""
         starter, stopped = _str(h, "starter", 256), h.get("stopped", [])
-        if not isinstance(stopped, list) or not all(isinstance(w, str) for w in stopped):
-            raise BadRequest("field 'stopped' must be a list of worker ids")
+        mine, known = h.get("workers", []), _int(h, "generation", -1)
+        for name, ids in (("stopped", stopped), ("workers", mine)):
+            if not isinstance(ids, list) or not all(isinstance(w, str) for w in ids):
+                raise BadRequest(f"field {name!r} must be a list of worker ids")
         deadline = time.monotonic() + min(_seconds(h, "timeout", 1.0), 5.0)
         with self.cv:
             now = time.monotonic()
@@ -69,7 +73,8 @@ class StarterOps:
                 if self.starters.get(w) == starter:
                     self.stopped_reports[w] = now
             while not (self.orders.get(starter) or self.spawns.get(starter)) \
-                    and not self._stop.is_set():
+                    and not self._stop.is_set() and not (
+                        mine and self.world is not None and self.world.generation != known):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -77,22 +82,32 @@ class StarterOps:
             self.starter_seen[starter] = time.monotonic()  # it was connected all along
             orders = self.orders.pop(starter, [])
             spawns = self.spawns.pop(starter, [])
-        return {"ok": True, "fence": [list(o) for o in orders],
-                "spawn": [list(s) for s in spawns], "failed": self.failed}, b""
+            generation = self.world.generation if self.world is not None else 0
+            # Ranks change only with the generation: sent when the starter's view is older.
+            ranks = {w: self.ranks[w] for w in mine[:1024] if w in self.ranks} \
+                if generation != known else None
+        reply = {"ok": True, "fence": [list(o) for o in orders],
+                 "spawn": [list(s) for s in spawns], "failed": self.failed,
+                 "generation": generation}
+        if ranks is not None:
+            reply["ranks"] = ranks
+        return reply, b""
 
     def _op_exited(self, h: dict[str, Any], _: bytes) -> Reply:
         """A starter's worker exited: its code, and the exception it reported, if any."""
         starter, worker = _str(h, "starter", 256), _str(h, "of", 256)
         code, slot, pid = _int(h, "code"), _int(h, "slot", -1), _int(h, "pid", -1)
-        error = h.get("error")
+        error, oom = h.get("error"), str(h.get("oom", ""))[:512]
         if error is not None and (not isinstance(error, dict) or len(str(error)) > 32768):
             raise BadRequest("field 'error' must be a small object or null")
         with self.cv:
-            if self.starters.get(worker) != starter:
+            # A worker that died before it joined (during its imports, say) is known to no
+            # one yet: its starter's word is all there is, and the launcher must hear of it.
+            if self.starters.setdefault(worker, starter) != starter:
                 raise BadRequest(f"worker {worker!r} was not started by {starter!r}")
             self.starter_seen[starter] = time.monotonic()
             self.exits.append({"worker": worker, "slot": slot, "pid": pid, "code": code,
                                "fenced": bool(h.get("fenced")), "error": error,
-                               "seen": time.time()})
+                               "oom": oom, "seen": time.time()})
             self.cv.notify_all()
         return {"ok": True}, b""

@@ -17,14 +17,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Checkpointer": "checkpoint", "recover": "loop", "run": "loop", "reform": "loop",
+    "Checkpointer": "checkpoint", "CheckpointError": "checkpoint_dir", "recover": "loop",
+    "run": "loop", "reform": "loop",
     "MembershipChanged": "state", "ProgressLost": "state", "State": "state",
     "Handler": "handlers", "RNGState": "handlers", "Stateful": "handlers",
     "register_handler": "handlers",
 }
 
-__all__ = ["Checkpointer", "Handler", "MembershipChanged", "ProgressLost", "RNGState", "State",
-           "Stateful", "recover", "reform", "register_handler", "run"]
+__all__ = ["CheckpointError", "Checkpointer", "Handler", "MembershipChanged", "ProgressLost",
+           "RNGState", "State", "Stateful", "recover", "reform", "register_handler", "run"]
 
 
 def __getattr__(name: str) -> Any:
@@ -35,8 +36,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'phalanx.elastic' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public names (loaded lazily, so not in globals() before first use)."""
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
+
+
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
+    from ..errors import CheckpointError
     from .handlers import Handler, RNGState, Stateful, register_handler
     from .loop import recover, reform, run
     from .state import MembershipChanged, ProgressLost, State

@@ -90,12 +90,13 @@ def recover(state: State, cause: BaseException, max_attempts: int = 20) -> None:
 def run(func: Callable[..., R]) -> Callable[..., R]:
     """Decorate `train(state, ...)` so it survives lost workers and admits new ones.
 
-    The decorated function first heals every rank from the most advanced one (so replacements
-    start from their peers' state), then runs. On `WorkerLost` or `MembershipChanged` it
-    re-forms the group, heals, and calls the function again: a loop written as
-    ``for state.epoch in range(state.epoch, E): for batch in loader: ...`` resumes where the
-    job is, with no rollback. Any other exception is a bug and propagates (the launcher fails
-    the job with it). Without an elastic launcher the function simply runs.
+    With a checkpointer, the State first resumes from its newest checkpoint (see
+    `Checkpointer.at_start`). The function then heals every rank from the most advanced one
+    (so replacements start from their peers' state), and runs. On `WorkerLost` or
+    `MembershipChanged` it re-forms the group, heals, and calls the function again: a loop
+    written as ``for state.epoch in range(state.epoch, E): for batch in loader: ...``
+    resumes where the job is, with no rollback. Any other exception is a bug and propagates
+    (the launcher fails the job with it). Without an elastic launcher the function simply runs.
     """
     @functools.wraps(func)
     def wrapper(state: State, *args: Any, **kwargs: Any) -> R:
@@ -103,7 +104,9 @@ def run(func: Callable[..., R]) -> Callable[..., R]:
             raise TypeError(f"@phalanx.elastic.run expects a phalanx.elastic.State as the first "
                             f"argument, got {type(state).__name__}")
         if state.checkpointer is not None and state.step == 0:
-            resumed = state.checkpointer.load_latest(state)
+            # Fails if the directory is another job's, or holds checkpoints none of which
+            # loads (unless started with --fresh / resume=False): never a silent step 0.
+            resumed = state.checkpointer.at_start(state)
             if resumed is not None:
                 log.warning("resumed from checkpoint at step %d", resumed)
         state._in_loop += 1

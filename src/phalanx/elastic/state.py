@@ -25,6 +25,12 @@ from .handlers import Handler, LoaderHandler, handler_for
 log = logging.getLogger("phalanx.elastic")
 
 _OWN = frozenset({"step", "recoveries", "reform_attempts", "checkpointer", "loaders"})
+_STEP_OWNED = (
+    "state.step is owned by the State: it advances by one at each optimizer.step() (the step "
+    "boundary; without an optimizer, at each state.end_step()) and comes back from heals and "
+    "checkpoints. Setting it (state.step = ..., state.step += 1, for state.step in ...) would "
+    "count steps twice; read it, and keep a counter of your own in a field with another name "
+    "(State(..., my_step=0))")
 
 
 class MembershipChanged(PhalanxError):
@@ -39,18 +45,22 @@ class State:
     """Model, optimizer, loaders and user fields (`State(model=m, optimizer=o, epoch=0)`).
 
     Fields read and write like attributes (``state.epoch += 1``). The `optimizer`'s step() is
-    the step boundary; without one, call `end_step()` after each training step.
+    the step boundary; without one, call `end_step()` after each training step. `state.step`
+    counts the steps done; it is the State's own (restored by heals and checkpoints), so
+    setting it from user code is an error rather than a silent double count.
     """
 
     def __init__(self, model: Any = None, optimizer: Any = None, *, loaders: Any = None,
                  checkpointer: Any = None, **fields: Any) -> None:
         for name in fields:
             if name in _OWN or name.startswith("_"):
-                raise PhalanxError(f"State field name {name!r} is reserved; rename the field")
+                raise PhalanxError(f"State field name {name!r} is reserved (the State's own "
+                                   f"{sorted(_OWN)} and names starting with '_'); rename the "
+                                   "field")
         object.__setattr__(self, "_fields", {"model": model, "optimizer": optimizer, **fields})
         self.loaders = list(loaders) if isinstance(loaders, (list, tuple)) else (
             [loaders] if loaders is not None else [])
-        self.step = 0
+        object.__setattr__(self, "step", 0)
         self.recoveries: list[dict[str, Any]] = []
         self.reform_attempts = 0
         self.checkpointer = checkpointer
@@ -80,6 +90,8 @@ class State:
         if name in self._fields:
             self._fields[name] = value
             self._hcache.pop(name, None)
+        elif name == "step":
+            raise PhalanxError(_STEP_OWNED)
         else:
             object.__setattr__(self, name, value)
 
@@ -103,7 +115,7 @@ class State:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Load into the live objects (stateful fields in place; plain values replaced)."""
-        self.step = int(sd["step"])
+        object.__setattr__(self, "step", int(sd["step"]))
         for name, h in list(self._handlers().items()):
             if name in sd["fields"]:
                 self._fields[name] = h.load(sd["fields"][name])
@@ -156,12 +168,14 @@ class State:
                 f"{job_step} but the most advanced worker left is at step {plan.step}. With no "
                 "durable checkpoint to resume from, continuing would silently restart training; "
                 "pass State(..., checkpointer=px.elastic.Checkpointer(DIR)) to survive this")
-        step = self.checkpointer.load_latest(self) if api.rank() == 0 else None
-        sd = api.broadcast_object(self.state_dict(copy_=False) if step is not None else None, 0)
+        step, tried = self.checkpointer.load_newest(self) if api.rank() == 0 else (None, [])
+        sd, tried = api.broadcast_object(
+            (self.state_dict(copy_=False) if step is not None else None, tried), 0)
         if sd is None:
             raise ProgressLost(f"every worker holding the training state was lost (the job had "
                                f"reached step {job_step}) and {self.checkpointer.directory} holds "
-                               "no valid checkpoint; failing rather than restarting from step 0")
+                               f"no valid checkpoint (tried: {'; '.join(tried) or 'none there'}); "
+                               "failing rather than restarting from step 0")
         self.load_state_dict(sd)
         rt = runtime.active()
         if rt is not None:
@@ -188,7 +202,7 @@ class State:
         coordinator, saves a checkpoint when due, fires chaos rules, and leaves for a re-form
         if workers are waiting to join.
         """
-        self.step += 1
+        object.__setattr__(self, "step", self.step + 1)
         for ld in self.loaders:
             ld.on_step_done()
         for h in self._handlers().values():
@@ -228,7 +242,8 @@ class State:
             self._chaos_ready = True
             spec = env.get_str(env.CHAOS)
             self._chaos = Injector.from_spec(spec, report=lambda r, w: _report(rt, r, w),
-                                             sever=rt.sever) if rt.client is not None else None
+                                             sever=rt.sever, worker=rt.worker) \
+                if rt.client is not None else None
         return self._chaos
 
     def _check_membership(self) -> None:

@@ -9,12 +9,16 @@ it loses the coordinator for longer than the heartbeat timeout or when its own s
 
 The job secret comes from PHALANX_SECRET, a 0600 file (`--secret-file`), or the first line of
 stdin (`--secret-stdin`, what the launcher uses): never from argv, which `ps` shows to all.
+With `--env-stdin` the next line is a JSON object of variables for the workers (the launcher's
+environment, forwarded as horovodrun does: see remote.remote_env), kept out of argv likewise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,9 +29,13 @@ from typing import Any
 
 from .. import env
 from ..coord.client import CoordClient
+from ..elastic.chaos import ChaosRule
 from ..errors import RendezvousError
 from . import procs
+from .timed_chaos import TimedChaos
 from .hosts import route_address
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _sink(stream: Any) -> procs.Sink:
@@ -43,9 +51,12 @@ def _sink(stream: Any) -> procs.Sink:
 class Agent:
     """Runs one host's share of a job (see the module docstring)."""
 
-    def __init__(self, a: argparse.Namespace, secret: str) -> None:
+    def __init__(self, a: argparse.Namespace, secret: str,
+                 forwarded: dict[str, str] | None = None) -> None:
         self.a = a
         self.secret = secret
+        self.forwarded = forwarded or {}
+        """The launcher's environment for the workers (`--env-stdin`)."""
         self.starter = f"agent-{a.host_id}"
         self.client = CoordClient(a.coordinator, secret, self.starter,
                                   connect_timeout=max(10.0, a.heartbeat_timeout),
@@ -56,10 +67,15 @@ class Agent:
         self.errdir = tempfile.mkdtemp(prefix="phalanx-agent-")
         self.out, self.err = _sink(sys.stdout.buffer), _sink(sys.stderr.buffer)
         self.lifeline = threading.Event()
+        self.ranks: dict[str, int] = {}
+        """Worker id -> its rank in the newest generation this agent heard of."""
+        self.generation = -1
+        self.chaos = TimedChaos(a.chaos, np=a.np or a.rank_base + a.slots, pid_of=self._pid_of,
+                                on_fire=self._fired)
 
     def _env(self, slot: int, worker_id: str, error_file: str) -> dict[str, str]:
         a = self.a
-        wenv = {**os.environ, env.RANK: str(slot), env.WORKER_ID: worker_id,
+        wenv = {**os.environ, **self.forwarded, env.RANK: str(slot), env.WORKER_ID: worker_id,
                 env.COORD_ADDR: a.coordinator, env.SECRET: self.secret, env.JOB_ID: a.job_id,
                 env.HOST: a.host_id, env.STARTER: self.starter, env.BIND_ADDR: self.bind,
                 env.TIMEOUT: str(a.timeout), env.HEARTBEAT_TIMEOUT: str(a.heartbeat_timeout),
@@ -75,11 +91,29 @@ class Agent:
 
     def spawn(self, slot: int, worker_id: str) -> None:
         error_file = os.path.join(self.errdir, f"{worker_id}.json")
-        suffix = worker_id[len(f"w{slot}"):] if worker_id.startswith(f"w{slot}") else ""
         self.workers[worker_id] = procs.spawn(
-            slot=slot, worker_id=worker_id, prefix=f"[rank{slot}{suffix}]: ",
+            slot=slot, worker_id=worker_id, prefix=lambda: self._prefix(worker_id, slot),
             argv=[self.a.script, *self.a.args], env=self._env(slot, worker_id, error_file),
             error_file=error_file, out=self.out, err=self.err)
+
+    def _prefix(self, worker_id: str, slot: int) -> str:
+        """As the launcher's own: '[rank2]: ', or '[rank1 w2]: ' once rank and id differ."""
+        rank = self.ranks.get(worker_id, slot)
+        return f"[rank{rank}]: " if worker_id == f"w{rank}" else f"[rank{rank} {worker_id}]: "
+
+    def _pid_of(self, worker_id: str) -> int | None:
+        w = self.workers.get(worker_id)
+        return w.proc.pid if w is not None and w.proc.poll() is None else None
+
+    def _fired(self, rule: ChaosRule, line: str) -> None:
+        """A timed chaos rule fires here: say so, and tell the launcher (for its summary)."""
+        self._say(line)
+        try:
+            self.client.request({"op": "event", "worker": self.starter, "kind": "chaos",
+                                 "info": {"rule": rule.index, "text": rule.text},
+                                 "key": f"{rule.index}@timed"})
+        except RendezvousError:
+            pass  # the summary may call it unfired; the fault itself matters more
 
     def run(self) -> int:
         for i in range(0 if self.a.idle else self.a.slots):
@@ -87,10 +121,14 @@ class Agent:
         last_contact = time.monotonic()
         while not self.lifeline.is_set():
             self._report_exits()
+            self.chaos.tick()
             stopped = [w for w, p in self.workers.items() if procs.is_stopped(p.proc.pid)]
             try:
-                reply = self.client.watch(self.starter, stopped, timeout=0.25 if stopped else 0.5)
+                reply = self.client.watch(self.starter, stopped, timeout=0.25 if stopped else 0.5,
+                                          workers=list(self.workers), generation=self.generation)
                 last_contact = time.monotonic()
+                if "ranks" in reply:
+                    self.ranks, self.generation = reply["ranks"], int(reply["generation"])
             except RendezvousError:
                 if time.monotonic() - last_contact > self.a.heartbeat_timeout:
                     self._say("lost the coordinator; stopping this host's workers")
@@ -117,7 +155,8 @@ class Agent:
             try:
                 self.client.request({"op": "exited", "starter": self.starter, "of": wid,
                                      "slot": w.slot, "pid": w.proc.pid, "code": code,
-                                     "fenced": w.fenced, "error": procs.read_error(w.error_file)})
+                                     "fenced": w.fenced, "error": procs.read_error(w.error_file),
+                                     "oom": w.oom_note(code)})
             except RendezvousError:
                 pass  # the coordinator is gone; the loop above notices and stops
 
@@ -136,13 +175,28 @@ def _read_secret(a: argparse.Namespace) -> str:
     if a.secret_stdin:
         return sys.stdin.readline().strip()
     if a.secret_file:
-        st = os.stat(a.secret_file)
-        if st.st_mode & 0o077:
-            raise ValueError(f"--secret-file {a.secret_file!r} is readable by others (mode "
-                             f"{oct(st.st_mode & 0o777)}); chmod 600 it")
-        with open(a.secret_file) as f:
-            return f.read().strip()
+        return procs.read_private(a.secret_file, "--secret-file").strip()
     return env.get_str(env.SECRET) or ""
+
+
+def _read_env(a: argparse.Namespace) -> dict[str, str]:
+    """--env-stdin: the workers' variables, one JSON object on the line after the secret."""
+    if not a.env_stdin:
+        return {}
+    line = sys.stdin.readline()
+    try:
+        found = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"--env-stdin: the line after the secret is not JSON ({e}); the "
+                         "launcher sends one object of NAME: VALUE strings") from None
+    if not isinstance(found, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _NAME.fullmatch(k)
+            for k, v in found.items()):
+        raise ValueError("--env-stdin: the line after the secret must be one JSON object of "
+                         "NAME: VALUE strings (NAME: letters, digits and underscores)")
+    if env.SECRET in found:
+        raise ValueError(f"--env-stdin may not carry {env.SECRET}; it comes on the line before")
+    return found
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -176,8 +230,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
     p.add_argument("--chaos", default=None)
     p.add_argument("--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE",
-                   help="set this variable for the workers (repeatable; the launcher forwards "
-                   "job-wide PHALANX_* settings this way)")
+                   help="set this variable for the workers (repeatable; visible in ps: the "
+                   "launcher uses --env-stdin)")
+    p.add_argument("--env-stdin", action="store_true", help="with --secret-stdin: read the "
+                   "workers' variables from the next line of stdin, a JSON object")
     p.add_argument("--elastic", action="store_true")
     p.add_argument("--growth", action="store_true")
     p.add_argument("script")
@@ -187,8 +243,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
+    if a.env_stdin and not a.secret_stdin:
+        sys.stderr.write("phalanx agent: error: --env-stdin reads the line after the secret: "
+                         "give --secret-stdin too\n")
+        return 2
     try:
         secret = _read_secret(a)
+        forwarded = _read_env(a)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"phalanx agent: error: {e}\n")
         return 2
@@ -196,7 +257,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("phalanx agent: error: no job secret: set PHALANX_SECRET, or pass "
                          "--secret-file FILE (mode 0600) or --secret-stdin\n")
         return 2
-    agent = Agent(a, secret)
+    agent = Agent(a, secret, forwarded)
     if a.secret_stdin:  # stdin stays open as the launcher's lifeline
         def watch_stdin() -> None:
             while sys.stdin.readline():

@@ -24,7 +24,8 @@ EXEC, MODULE = "exec:", "module:"
 command, exec'd) and `module:pkg.mod` (python -m pkg.mod). See `launch.program`."""
 ERROR_FILE = "PHALANX_ERROR_FILE"
 # Errors phalanx raises when a *peer* failed: consequences, never the root cause of a failure.
-CASCADE = {"WorkerLost", "RendezvousError", "JobFinished", "CollectiveMismatch"}
+# (A CollectiveMismatch is not one: ranks that call different collectives are a bug.)
+CASCADE = {"WorkerLost", "RendezvousError", "JobFinished"}
 
 
 def error_record(exc: BaseException) -> dict:
@@ -47,9 +48,12 @@ def report(exc: BaseException) -> None:
     path = os.environ.get(ERROR_FILE)
     if path:
         try:
-            with open(path + ".tmp", "w") as f:
+            import tempfile  # here, not at the top: a worker's start stays light
+            # A private temporary name (O_EXCL, 0600): never a fixed one someone could plant.
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         except OSError:
             pass
     runtime = sys.modules.get("phalanx.runtime")

@@ -10,7 +10,7 @@ from typing import Any
 
 from .program import resolve as resolve_program
 
-BENCHES = ("allreduce", "train", "recovery", "iterative", "soak")
+BENCHES = ("allreduce", "train", "recovery", "iterative", "soak", "goodput")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,10 +62,13 @@ def _run_parser() -> _Parser:
     p.add_argument("--chaos", default=None, metavar="SPEC",
                    help="inject real faults to test a job's resilience: KIND:WHO,WHEN rules "
                         "separated by ';'. KIND: " + "; ".join(
-                            f"{k}: {v}" for k, v in chaos_help().items()) + ". WHO: rank=R or "
+                            f"{k}: {v}" for k, v in chaos_help().items()) + ". WHO: rank=R (whoever holds "
+                        "rank R then), worker=wR (the worker first started as rank R) or "
                         "random (with seed=N). WHEN: step=S (at the boundary after step S), "
-                        "every=N (every N steps) or recovery=K (during the K-th recovery of the worker process). "
-                        "E.g. kill:rank=2,step=40 or stop:random,every=50,seed=1. Rules for "
+                        "every=N (every N steps), recovery=K (during the K-th recovery of the "
+                        "worker process) or after=Ts (T seconds into the job; any program, "
+                        "not cut). E.g. kill:rank=2,step=40, stop:random,every=50,seed=1 or "
+                        "kill:rank=1,after=5s. Rules for "
                         "ranks the job never has are refused; rules that never fired are "
                         "reported at the end")
     p.add_argument("-H", "--hosts", default=None, metavar="HOST:SLOTS,...",
@@ -84,6 +87,12 @@ def _run_parser() -> _Parser:
                         "(default 60). Past it, a replacement may start the host's agent again")
     p.add_argument("--ssh-config", default=None, metavar="FILE",
                    help="ssh_config file for reaching the hosts (passed as ssh -F FILE)")
+    p.add_argument("-x", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="set NAME=VALUE for every worker, or forward NAME from here even if "
+                        "it is one the launcher keeps back (repeatable). Workers on other "
+                        "hosts get this launcher's environment, less its own machine's, "
+                        "login's and terminal's variables (HOSTNAME, HOME, USER, PWD, SHLVL, "
+                        "TERM, DISPLAY, SSH_*, SLURM_*, ...: see the README)")
     p.add_argument("--bind", default=None, metavar="ADDR",
                    help="address the coordinator listens on (default 127.0.0.1, or with remote "
                         "hosts the local address that routes to them)")
@@ -102,6 +111,14 @@ def _run_parser() -> _Parser:
     p.add_argument("--progress", type=float, default=None, metavar="SEC",
                    help="print a progress line every SEC seconds: step, steps/s, workers, "
                         "faults so far")
+    p.add_argument("--fresh", action="store_true",
+                   help="start from step 0 even if the job's checkpoint directory holds "
+                        "checkpoints (px.elastic.Checkpointer removes those of earlier runs). "
+                        "Default: resume from the newest; fail if none of them loads")
+    p.add_argument("--checkpoint-errors", choices=("fail", "warn"), default=None,
+                   help="when checkpoint saves fail (e.g. a full disk): 'fail' the job after 3 "
+                        "in a row (default) or 'warn' and train on; either way each failure is "
+                        "logged on rank 0 and counted in the final summary")
     p.add_argument("script", metavar="PROGRAM", help="what every worker runs: a Python script "
                    "(train.py), `python train.py`, `python -m pkg.mod`, or any command on PATH")
     p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
@@ -154,8 +171,37 @@ def run_main(argv: list[str]) -> int:
                     bind=a.bind or "127.0.0.1", join_file=a.join_file, hosts=hosts,
                     ssh_config=a.ssh_config, agent_starter=starter,
                     host_cooldown=a.host_cooldown, timeline=a.timeline, metrics=a.metrics,
-                    progress=a.progress)
+                    progress=a.progress, extra_env={**_explicit_env(a.env, p),
+                                                     **_checkpoint_env(a)})
     return Supervisor(cfg).run()
+
+
+def _explicit_env(specs: list[str], p: _Parser) -> dict[str, str]:
+    """-x NAME=VALUE and -x NAME (its value here) as a dict; errors name the bad one."""
+    import re
+
+    from .. import env
+    out = {}
+    for spec in specs:
+        name, eq, value = spec.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            p.error(f"-x {spec!r}: {name!r} is not a variable name (letters, digits and "
+                    "underscores, not starting with a digit); e.g. -x EPOCHS=2 or -x EPOCHS")
+        if name == env.SECRET:
+            p.error(f"-x {name}: the job secret is made by the launcher and never forwarded")
+        if not eq and name not in os.environ:
+            p.error(f"-x {name}: {name} is not set here; set it, or give -x {name}=VALUE")
+        out[name] = value if eq else os.environ[name]
+    return out
+
+
+def _checkpoint_env(a: argparse.Namespace) -> dict[str, str]:
+    """--fresh and --checkpoint-errors, as the variables workers' Checkpointers read."""
+    from .. import env
+    out = {env.FRESH: "1"} if a.fresh else {}
+    if a.checkpoint_errors:
+        out[env.CHECKPOINT_ERRORS] = a.checkpoint_errors
+    return out
 
 
 def _placement(a: argparse.Namespace, p: _Parser) -> tuple[list, Any]:
@@ -165,7 +211,7 @@ def _placement(a: argparse.Namespace, p: _Parser) -> tuple[list, Any]:
     use_slurm = not (a.hosts or a.hostfile or a.no_slurm) and slurm.in_allocation()
     if not (a.hosts or a.hostfile or use_slurm):
         return [], None
-    from .hosts import is_local, parse_hostfile, parse_hosts, place, route_address
+    from .hosts import is_local, parse_hostfile, parse_hosts, place, placement_line, route_address
     where, starter = "", None
     try:
         if a.hosts and a.hostfile:
@@ -191,10 +237,17 @@ def _placement(a: argparse.Namespace, p: _Parser) -> tuple[list, Any]:
     except (OSError, ValueError) as e:
         p.error(f"{e}{where}")
     if use_slurm:
-        sys.stderr.write(f"[phalanx] using Slurm allocation {alloc.job_id}: {a.np} worker(s) on "
-                         f"{', '.join(f'{h.name}:{h.slots}' for h in hosts)}, agents started "
-                         "with srun (--no-slurm: this machine only)\n")
-        sys.stderr.flush()
+        lines = [placement_line(f"Slurm allocation {alloc.job_id}", hosts, "with srun "
+                                "(--no-slurm: this machine only)")]
+        warning = slurm.node_loss_warning(alloc.job_id) if len(hosts) > 1 else None
+        lines += [warning] if warning else []
+    else:
+        source = "-H" if a.hosts else f"--hostfile {a.hostfile}"
+        how = "over ssh" if len(remote) == len(hosts) else \
+            "over ssh (this machine's directly)" if remote else "on this machine, without ssh"
+        lines = [placement_line(f"the hosts of {source}", hosts, how)]
+    sys.stderr.write("".join(f"[phalanx] {line}\n" for line in lines))
+    sys.stderr.flush()
     return hosts, starter
 
 
@@ -222,9 +275,9 @@ def join_main(argv: list[str]) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     a = p.parse_args(argv)
     import json
+    from .procs import read_private
     try:
-        with open(a.join_file) as f:
-            info = json.load(f)
+        info = json.loads(read_private(a.join_file, "join file"))
         if not all(isinstance(info.get(k), str) for k in ("address", "secret", "job_id")):
             raise ValueError("it lacks address, secret or job_id")
     except (OSError, ValueError, AttributeError) as e:
@@ -250,6 +303,7 @@ def bench_main(argv: list[str]) -> int:
               "  recovery   time to recover from killed/stopped workers vs torchrun\n"
               "  iterative  cached shards vs re-reading vs scikit-learn (vs Spark)\n"
               "  soak       100 mixed chaos faults on one job: nothing lost, no leaks\n"
+              "  goodput    simulated ETTR at up to 100,000 GPUs vs the peers, calibrated on a soak\n"
               "Run `phalanx bench NAME --help` for a benchmark's options.")
         return 0
     name, rest = argv[0], argv[1:]
@@ -277,8 +331,11 @@ def main(argv: list[str] | None = None) -> int:
               "  bench   benchmarks against DDP, Gloo, TCP, torchrun (phalanx bench --help)")
         return 0
     if argv[0] in ("--version", "-V"):
-        from .. import __version__
-        print(f"phalanx {__version__}")
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            print(f"phalanx {version('phalanx')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("phalanx (not installed)")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":

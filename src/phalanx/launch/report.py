@@ -42,18 +42,30 @@ class Exit:
     """The exception it reported (type, message, where, time, cascade), if any."""
     detail: str = ""
     """What else is known, e.g. 'host b lost: its agent exited with code 255'."""
+    oom: str = ""
+    """Why a SIGKILL came, when the kernel's OOM killer dealt it (see launch/oom.py)."""
+    step: int = -1
+    """The last step it reported completing (-1: none)."""
+    joined: bool = True
+    """It was in a generation of the job at some point (a replacement may never get in)."""
+    host_lost: bool = False
+    """Lost with its whole host (crash, cut, SSH session or srun step ended): a fault; its own
+    status is unknown, and `code` is its agent's."""
 
     @property
     def label(self) -> str:
-        return f"rank {self.slot} (worker {self.worker}, pid {self.pid})"
+        pid = f", pid {self.pid}" if self.pid > 0 else ""  # unknown: it never reported one
+        return f"rank {self.slot} (worker {self.worker}{pid})"
 
     @property
     def is_fault(self) -> bool:
-        """Killed, stopped, fenced or cut off: recoverable. An exception (or a non-zero exit
-        the script chose) is a bug, unless the worker had already been declared lost."""
+        """Killed by a signal, or fenced: recoverable. An exception, or a non-zero exit status
+        the script chose (`sys.exit(3)`, `os._exit(3)`), is a bug, even when the coordinator
+        saw the worker go before its status arrived; an error phalanx raised only because a
+        peer failed (WorkerLost, say) is a consequence, so a fault."""
         if self.code == 0:
             return False
-        if self.fenced or self.lost or self.code < 0:
+        if self.fenced or self.host_lost or self.code < 0:
             return True
         return bool(self.error and self.error.get("cascade"))
 
@@ -67,8 +79,12 @@ class Exit:
         if self.detail:
             return f"{self.label}: {self.detail}"
         why = f"{self.label} {describe_exit(self.code)}"
+        if self.oom:
+            why += f" ({self.oom})"
         if self.fenced:
             why += " (fenced by the launcher)"
+        elif self.code > 0 and not self.error:
+            why += " (an exit status the program chose: a bug, not a fault)"
         return why
 
 
@@ -93,23 +109,62 @@ def exit_code(cause: Exit) -> int:
     return 128 - cause.code if cause.code < 0 else 1
 
 
-def summary(*, seconds: float, started: int, finished: int, generations: int,
-            faults: list[str], restarts: int) -> str:
-    """The last line of a job that succeeded."""
+def left_early(e: Exit, last_step: int) -> bool:
+    """A worker that exited 0 while the job went on training: it joined, reported steps, and
+    its last step is behind the job's last."""
+    return e.code == 0 and e.joined and 0 <= e.step < last_step
+
+
+def summary(*, seconds: float, started: int, exits: list[Exit], generations: int,
+            restarts: int, last_step: int = -1, finished: int | None = None) -> str:
+    """The last line of a job that succeeded: who finished (counted from `exits`, unless the
+    engine counts them itself), who left early, who never got in, and the faults recovered."""
+    done = [e for e in exits if e.code == 0]
+    early = [e for e in done if left_early(e, last_step)]
+    never = [e for e in done if not e.joined]
+    if finished is None:
+        finished = len(done) - len(early) - len(never)
     text = (f"job finished in {seconds:.1f}s: {finished} worker(s) finished "
-            f"(started with {started}), {generations} generation(s), ")
+            f"(started with {started}), ")
+    if early:
+        gone = _listed([f"{e.label} exited with code 0 at step {e.step}" for e in early])
+        text += f"{len(early)} left early ({gone}; the job went on to step {last_step}), "
+    if never:
+        text += f"{len(never)} replacement(s) never joined (the job ended first), "
+    text += f"{generations} generation(s), "
+    faults = [e.why() for e in exits if e.code != 0]
     if not faults:
         return text + "no faults"
-    shown = "; ".join(faults[:3]) + (f"; and {len(faults) - 3} more" if len(faults) > 3 else "")
     more = f", {restarts} replacement(s) started" if restarts else ""
-    return text + f"{len(faults)} fault(s) recovered ({shown}){more}"
+    return text + f"{len(faults)} fault(s) recovered ({_listed(faults)}){more}"
 
 
-def unfired_chaos(texts: list[str], fired: set[int], last_step: int) -> list[str]:
-    """One line per chaos rule that never fired (the user believes a fault was injected)."""
-    where = f"the job's last step was {last_step}" if last_step >= 0 else "no step completed"
-    return [f"chaos rule {t!r} never fired ({where})" for i, t in enumerate(texts)
-            if i not in fired]
+def _listed(items: list[str]) -> str:
+    return "; ".join(items[:3]) + (f"; and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+def unfired_chaos(texts: list[str], fired: set[int], last_step: int,
+                  seconds: float | None = None) -> list[str]:
+    """One line per chaos rule that never fired (the user believes a fault was injected), with
+    what may explain it: the job ended first, no step (step rules need the elastic API),
+    renumbered ranks, a victim already gone."""
+    steps = f"the job's last step was {last_step}" if last_step >= 0 else (
+        "no step completed: step= rules fire at the elastic State's step boundaries; "
+        "after=SECONDSs fires in any program")
+    ended = f"the job ended {seconds:.1f}s in" if seconds is not None else "the job ended"
+    lines = []
+    for i, t in enumerate(texts):
+        if i in fired:
+            continue
+        if "after=" in t:
+            why = f"{ended}, before it was due or after its worker had gone"
+        elif "rank=" in t:
+            why = (f"{steps}; rank=R means whoever holds rank R then (ranks are renumbered "
+                   "after a loss): worker=wR aims at the worker started as rank R")
+        else:
+            why = steps
+        lines.append(f"chaos rule {t!r} never fired ({why})")
+    return lines
 
 
 class Progress:

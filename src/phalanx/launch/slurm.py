@@ -10,13 +10,20 @@ Each agent is one single-task step on its node (`srun --nodes=1 --ntasks=1 --nod
 --overlap`), so a node whose step ends is a lost host, exactly as a broken SSH session is. The
 job secret goes to the agent as it does over SSH: on srun's stdin, which srun forwards to the
 task; never in argv or in any environment. srun's stdin stays open as the agent's lifeline.
-Parsing is pure; only `node_address` runs a Slurm command.
+
+By default Slurm kills (and requeues) a whole allocation when one of its nodes fails, about
+SlurmdTimeout after the loss, long after phalanx has recovered from it; `sbatch --no-kill` keeps
+the allocation. Slurm shows that flag nowhere (`scontrol show job` on 22.05 prints the same with
+and without it), so `kill_on_node_loss` reads what submitted it: SBATCH_NO_KILL or
+SALLOC_NO_KILL, the SubmitLine (Slurm 23.02 and later), the batch script's #SBATCH lines.
+Parsing is pure; `node_address` and `kill_on_node_loss` run scontrol.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -31,6 +38,8 @@ JOB_NODELIST = "SLURM_JOB_NODELIST"
 NODELIST = "SLURM_NODELIST"  # the older name of SLURM_JOB_NODELIST
 TASKS_PER_NODE = "SLURM_TASKS_PER_NODE"
 NTASKS_PER_NODE = "SLURM_NTASKS_PER_NODE"
+NO_KILL_VARS = ("SBATCH_NO_KILL", "SALLOC_NO_KILL")
+"""How sbatch and salloc take --no-kill from the environment (which the job then inherits)."""
 
 _RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 _TASKS = re.compile(r"(\d+)(?:\(x(\d+)\))?")
@@ -164,18 +173,91 @@ def allocation(environ: Mapping[str, str] | None = None) -> Allocation:
     return Allocation(job_id=job_id, nodes=list(zip(names, tasks)))
 
 
-def node_address(name: str) -> str | None:
-    """A node's NodeAddr as Slurm knows it (for nodes whose names do not resolve here)."""
+def _scontrol(*args: str) -> str | None:
+    """scontrol's output, or None if it is missing, fails or hangs."""
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         return None
     try:
-        out = subprocess.run([scontrol, "show", "node", "--oneliner", name], check=False,
-                             capture_output=True, text=True, timeout=10).stdout
+        res = subprocess.run([scontrol, *args], check=False, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return res.stdout if res.returncode == 0 else None
+
+
+def node_address(name: str) -> str | None:
+    """A node's NodeAddr as Slurm knows it (for nodes whose names do not resolve here)."""
+    m = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "--oneliner", name) or "")
     return m.group(1) if m else None
+
+
+def no_kill_option(words: list[str]) -> bool | None:
+    """What sbatch/salloc options say of --no-kill: True (`-k`, `--no-kill`), False
+    (`--no-kill=off`), None (not mentioned). The last mention wins, as in sbatch."""
+    said = None
+    for w in words:
+        if w in ("-k", "--no-kill"):
+            said = True
+        elif w.startswith("--no-kill="):
+            said = w.partition("=")[2].strip().lower() != "off"
+    return said
+
+
+def batch_directives(script: str) -> list[str]:
+    """The options of a batch script's `#SBATCH` lines, which sbatch reads up to the first
+    line that is neither blank nor a comment."""
+    words: list[str] = []
+    for line in script.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH"):
+            try:
+                words += shlex.split(line[len("#SBATCH"):], comments=True)
+            except ValueError:
+                continue  # unbalanced quotes: sbatch would refuse the script anyway
+    return words
+
+
+def kill_on_node_loss(job_id: str, environ: Mapping[str, str] | None = None) -> bool | None:
+    """Whether Slurm kills allocation `job_id` when one of its nodes fails: False if it was
+    submitted with --no-kill, True if what submitted it can be read and does not say so (the
+    default), None if it cannot be told (an salloc allocation on Slurm before 23.02)."""
+    e = os.environ if environ is None else environ
+    for var in NO_KILL_VARS:
+        if e.get(var) is not None:
+            return not no_kill_option([f"--no-kill={e[var]}" if e[var] else "--no-kill"])
+    show = _scontrol("show", "job", job_id)
+    if show is None:
+        return None
+    submit = re.search(r"^\s*SubmitLine=(.*)$", show, re.MULTILINE)
+    try:
+        said = no_kill_option(shlex.split(submit.group(1))) if submit else None
+    except ValueError:
+        said = None
+    batch = re.search(r"\bBatchFlag=1\b", show) is not None
+    if said is None and batch:
+        said = no_kill_option(batch_directives(_scontrol("write", "batch_script", job_id, "-")
+                                               or ""))
+    if said is not None:
+        return not said
+    return True if submit or batch else None
+
+
+def node_loss_warning(job_id: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The launcher's warning when allocation `job_id` may be killed on a node's loss."""
+    kill = kill_on_node_loss(job_id, environ)
+    if kill is False:
+        return None
+    fix = ("submit with --no-kill (`#SBATCH --no-kill` in the script, `sbatch --no-kill`, "
+           "`salloc --no-kill`, or SBATCH_NO_KILL=1 / SALLOC_NO_KILL=1)")
+    what = (f"Slurm allocation {job_id} was not submitted with --no-kill (neither its #SBATCH "
+            "lines nor SBATCH_NO_KILL/SALLOC_NO_KILL say so)" if kill else
+            f"cannot tell whether Slurm allocation {job_id} was submitted with --no-kill")
+    return (f"warning: {what}: without it Slurm kills the whole allocation when any of its "
+            "nodes fails, about SlurmdTimeout after phalanx has already recovered from the "
+            f"loss; to keep training through a lost node, {fix}")
 
 
 class SrunStarter(AgentStarter):
@@ -183,6 +265,9 @@ class SrunStarter(AgentStarter):
 
     def __init__(self, job_id: str, srun: str = "srun") -> None:
         self.job_id, self.srun = job_id, srun
+
+    def channel(self, host: HostSlots) -> str:
+        return "its srun step"
 
     def command(self, host: HostSlots, argv: list[str]) -> list[str]:
         # --ntasks-per-node=1 overrides SLURM_NTASKS_PER_NODE inherited from sbatch/salloc;

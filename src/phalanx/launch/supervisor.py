@@ -33,6 +33,7 @@ from .hosts import HostSlots
 from .procs import CHILD, write_join_file
 from .remote import AgentFleet, AgentStarter
 from .shmfiles import cleanup as shm_cleanup
+from .timed_chaos import TimedChaos
 
 __all__ = ["CHILD", "RunConfig", "Supervisor", "write_join_file"]
 
@@ -149,6 +150,8 @@ class Supervisor:
                                 secret=self._secret, job_id=self.job_id, cfg=cfg,
                                 address=self.server.address, out=self._sink(self._out),
                                 err=self._sink(self._err), say=self._note) if cfg.hosts else None
+        self.chaos_timer = TimedChaos(cfg.chaos, np=cfg.np, pid_of=self._pid_of,
+                                      on_fire=lambda _rule, line: self._note(line))
 
     # ------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
@@ -195,13 +198,25 @@ class Supervisor:
             wenv.setdefault(env.BIND_ADDR, cfg.bind)
         # One worker per core is the right default for CPU training (torchrun does the same).
         wenv.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.np)))
-        prefix = f"[rank{slot}]: " if restart == 0 else f"[rank{slot}.{restart}]: "
-        w = procs.spawn(slot=slot, worker_id=worker_id, prefix=prefix,
+        w = procs.spawn(slot=slot, worker_id=worker_id, prefix=lambda: self._prefix(worker_id),
                         argv=[cfg.script, *cfg.args], env=wenv, error_file=error_file,
                         out=self._sink(self._out), err=self._sink(self._err))
         with self._lock:
             self._workers[worker_id] = w
         return True
+
+    def _prefix(self, worker_id: str) -> str:
+        """'[rank2]: ' for worker w2 while it holds rank 2; after a shrink renumbered it, or for
+        a replacement, the current rank and the worker id: '[rank1 w2]: ', '[rank2 w2.1]: '."""
+        rank = self.server.membership.rank_of(worker_id)
+        if rank is None:  # not in a generation (yet): the rank it was started for
+            rank = int(worker_id[1:].split(".")[0])
+        return f"[rank{rank}]: " if worker_id == f"w{rank}" else f"[rank{rank} {worker_id}]: "
+
+    def _pid_of(self, worker_id: str) -> int | None:
+        with self._lock:
+            w = self._workers.get(worker_id)
+        return w.proc.pid if w is not None and w.proc.poll() is None else None
 
     def _is_stopped(self, worker_id: str, pid: int) -> bool:
         """Coordinator probe: is this (local) worker's process stopped (state T)?"""
@@ -299,10 +314,12 @@ class Supervisor:
                 del self._workers[wid]
             for t in w.pumps:
                 t.join(timeout=2)
+            m = self.server.membership
             ended.append(report.Exit(slot=w.slot, worker=wid, pid=w.proc.pid, code=code,
-                                     seen=time.time(), fenced=w.fenced,
-                                     lost=self.server.membership.is_lost(wid),
-                                     error=procs.read_error(w.error_file)))
+                                     seen=time.time(), fenced=w.fenced, lost=m.is_lost(wid),
+                                     error=procs.read_error(w.error_file), oom=w.oom_note(code),
+                                     step=m.last_step(wid),
+                                     joined=wid in m.formed or not m.formed))
         self.exits.extend(ended)
         return running, ended
 
@@ -316,6 +333,7 @@ class Supervisor:
                 return self._interrupted()
             if progress is not None:
                 self._progress(progress)
+            self.chaos_timer.tick()
             running, ended = self._reap()
             if self.server.membership.failed is not None:
                 return self._fail()  # a worker reported an exception: no respawn can help
@@ -362,21 +380,25 @@ class Supervisor:
         self._stop_workers(grace=5.0)
         self._reap()
         self._report_chaos()
+        self._report_checkpoints()
         failed = [e for e in self.exits if e.code != 0]
         cause = report.root_cause(failed) if failed else None
         text = cause.why() if cause is not None else str(m.failed)
-        self.say(f"job failed: {text}" + (f"; {why}" if why else ""))
+        hint = ""
+        if cause is not None and cause.is_fault and not self.cfg.elastic:
+            hint = ("; this job is not elastic, so one lost worker ends it: run with --min-np N "
+                    "to continue on the survivors (and --max-restarts K to start replacements)")
+        self.say(f"job failed: {text}" + (f"; {why}" if why else "") + hint)
         return report.exit_code(cause) if cause is not None else 1
 
     def _succeed(self) -> int:
         events = self.server.events
-        faults = [e.why() for e in self.exits if e.code != 0]
         self._report_chaos()
+        self._report_checkpoints()
         self.say(report.summary(
-            seconds=time.monotonic() - self.t0, started=self.cfg.np,
-            finished=sum(1 for e in self.exits if e.code == 0),
+            seconds=time.monotonic() - self.t0, started=self.cfg.np, exits=self.exits,
             generations=sum(1 for e in events if e["event"] == "generation"),
-            faults=faults, restarts=self.restarts))
+            restarts=self.restarts, last_step=self.server.membership.max_step))
         return 0
 
     def _interrupted(self) -> int:
@@ -389,13 +411,21 @@ class Supervisor:
                  f"{self.server.membership.max_step})")
         return 128 + self._signal
 
+    def _report_checkpoints(self) -> None:
+        """A line for checkpoint saves that failed on a worker (a full disk), if any did."""
+        from ..elastic.checkpoint_dir import failed_saves_note
+        note = failed_saves_note(self.server.events)
+        if note is not None:
+            self.say(note)
+
     def _report_chaos(self) -> None:
         if not self.cfg.chaos or self._signal is not None:
             return
         from ..elastic.chaos import parse_chaos
         rules = parse_chaos(self.cfg.chaos)
         fired = {int(e["info"].get("rule", -1)) for e in self.server.events
-                 if e["event"] == "worker-chaos"}
+                 if e["event"] == "worker-chaos"} | self.chaos_timer.fired
         for line in report.unfired_chaos([r.text for r in rules], fired,
-                                         self.server.membership.max_step):
+                                         self.server.membership.max_step,
+                                         time.monotonic() - self.t0):
             self.say(line)

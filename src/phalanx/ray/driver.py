@@ -329,7 +329,7 @@ class RayJob:
                                      world.workers if world is not None else None, slots)
         log.info("%s", report.summary(
             seconds=time.monotonic() - self.t0, started=self.spec.num_workers,
-            finished=len(done),
+            finished=len(done), exits=self.exits,
             generations=sum(1 for e in self.server.events if e["event"] == "generation"),
-            faults=[e.why() for e in self.exits if e.code != 0], restarts=self.restarts))
+            restarts=self.restarts))
         return [o.value for o in done]

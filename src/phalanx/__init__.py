@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
         "allgather_object", "metrics")},
     **{n: "phalanx.runtime" for n in ("init", "shutdown", "is_initialized")},
     **{n: "phalanx.subgroups" for n in ("new_group", "Subgroup")},
+    "DistributedDataParallel": "phalanx.train.ddp",
     "Handle": "phalanx.comm.work",
     "Config": "phalanx.config",
     **{n: "phalanx.errors" for n in ("PhalanxError", "WorkerLost", "CollectiveMismatch",
@@ -36,7 +37,8 @@ _SUBMODULES = ("elastic", "data", "train", "comm", "coord", "launch", "observe",
                "spark", "horovod")
 
 __all__ = [
-    "CollectiveMismatch", "Config", "ConfigError", "DistributedOptimizer", "Handle",
+    "CollectiveMismatch", "Config", "ConfigError", "DistributedDataParallel",
+    "DistributedOptimizer", "Handle",
     "PhalanxError", "RendezvousError", "Subgroup", "WorkerLost", "allgather", "allgather_async",
     "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "alltoall", "barrier", "broadcast", "broadcast_", "broadcast_object",
@@ -73,3 +75,4 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs
                          WorkerLost)
     from .runtime import init, is_initialized, shutdown
     from .train import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
+    from .train.ddp import DistributedDataParallel

@@ -1,4 +1,5 @@
-"""`phalanx bench train`: data-parallel training throughput, phalanx vs torch DDP (Gloo) vs one
+"""`phalanx bench train`: data-parallel training throughput, phalanx (its own API, and
+`px.DistributedDataParallel` as a DDP script uses it: `ddp-compat`) vs torch DDP (Gloo) vs one
 process, on a compute-bound ~10M-parameter MLP and on a model of many small tensors (where fusion
 matters). Every worker uses one torch thread; warm-up steps are not timed.
 
@@ -32,6 +33,8 @@ from phalanx.bench.train_modes import (
 
 MODELS = ("mlp", "many")
 """mlp: 4 Linear layers, ~9.4M parameters; many: 128 residual blocks of Linear(64)+LayerNorm."""
+_PHALANX_RUN = ("phalanx", "phalanx-copy", "horovod", "ddp-compat")
+"""The modes that run under `phalanx run` (the others start their own processes)."""
 
 
 def _build(model: str) -> Any:
@@ -66,7 +69,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(1)
     rank, world = (args.rank, 1) if args.worker == "single" else (0, 1)
-    if args.worker in ("phalanx", "phalanx-copy", "horovod"):
+    if args.worker in _PHALANX_RUN:
         import phalanx as px
         from phalanx.train import DistributedOptimizer, broadcast_parameters
         px.init()
@@ -106,9 +109,13 @@ def _worker(args: argparse.Namespace) -> None:
     elif args.worker in ("horovod", "horovod-real"):
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    elif args.worker == "ddp":
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif args.worker in ("ddp", "ddp-compat"):   # the same DDP script; ddp-compat: phalanx's DDP
+        device_ids = [device.index] if device.type == "cuda" else None
+        if args.worker == "ddp":
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            net = px.DistributedDataParallel(model, device_ids=device_ids,
+                                             compression=args.compression)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_size, width, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
@@ -117,7 +124,7 @@ def _worker(args: argparse.Namespace) -> None:
     def barrier() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if args.worker in ("phalanx", "phalanx-copy", "horovod"):
+        if args.worker in _PHALANX_RUN:
             px.allreduce(torch.zeros(1), op="sum", name="bench.barrier")
         elif args.worker == "horovod-real":
             hvd.allreduce(torch.zeros(1), name="bench.barrier")
@@ -182,7 +189,7 @@ def _run(mode: str, model: str, n: int, args: argparse.Namespace) -> dict[str, A
               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
               "--device", args.device, "--compression", args.compression]
     timeout = 600
-    if mode in ("phalanx", "phalanx-copy", "horovod"):
+    if mode in _PHALANX_RUN:
         cmd = [sys.executable, "-m", "phalanx.launch.cli", "run", "-np", str(n), *common]
         p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=worker_env(),
                            timeout=timeout)
@@ -242,8 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--real-horovod", action="store_true",
                    help="also time real Horovod (needs `import horovod.torch` and horovodrun), "
                         "the same script with Horovod's own import line")
-    p.add_argument("--worker", choices=("phalanx", "phalanx-copy", "ddp", "single", "horovod",
-                                        "horovod-real"),
+    p.add_argument("--worker", choices=(*_PHALANX_RUN, "ddp", "single", "horovod-real"),
                    help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -285,7 +291,7 @@ def _measure(model: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every mode `repeat` times, interleaved and in a rotated order (damps machine noise and
     order effects); per mode the median run
     by samples/s (the lower middle one for an even count) or the best, as --stat says."""
-    modes = [("single", 1), ("ddp", args.np), ("phalanx", args.np)]
+    modes = [("single", 1), ("ddp", args.np), ("phalanx", args.np), ("ddp-compat", args.np)]
     modes += [("phalanx-copy", args.np)] if args.compare_copy else []
     modes += [("independent", args.np)] if args.compare_independent else []
     modes += [("horovod", args.np)] if args.horovod else []
@@ -320,7 +326,9 @@ def _row(model: str, res: dict[str, dict[str, Any]], args: argparse.Namespace) -
                       for m, r in res.items() if r.get("phases_ms")},
         "runs_samples_per_s": {m: r["all_samples_per_s"] for m, r in res.items()},
     }
-    for mode in ("phalanx-copy", "independent", "horovod", "horovod-real"):
+    row["ddp_compat_over_ddp"] = (res["ddp-compat"]["samples_per_s"]
+                                  / res["ddp"]["samples_per_s"])
+    for mode in ("ddp-compat", "phalanx-copy", "independent", "horovod", "horovod-real"):
         if mode in res:
             key = mode.replace("-", "_")
             row[f"{key}_samples_per_s"] = res[mode]["samples_per_s"]
@@ -343,6 +351,9 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
               f"{r['phalanx_samples_per_s']:>9.1f} {r['phalanx_over_ddp']:>7.2f} "
               f"{r['phalanx_scaling_efficiency']:>7.2f} {r['ddp_scaling_efficiency']:>7.2f}")
     for r in rows:
+        print(f"{r['model']:6} px.DistributedDataParallel (ddp-compat): "
+              f"{r['ddp_compat_samples_per_s']:.1f} samples/s = {r['ddp_compat_over_ddp']:.3f} x "
+              f"torch DDP, {r['ddp_compat_over_phalanx']:.3f} x phalanx's own API")
         for mode, what in (("phalanx_copy", "phalanx, copy path (no bucket views)"),
                            ("independent", f"{args.np} independent processes (no communication)"),
                            ("horovod", "Horovod facade"),

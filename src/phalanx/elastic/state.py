@@ -74,10 +74,14 @@ class State:
         self._change_pending: str | None = None
         if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
             optimizer.register_step_post_hook(self._after_optimizer_step)
-        if optimizer is not None and hasattr(optimizer, "register_step_start_hook"):
-            # Admit newcomers at the start of the next step, not inside this step(): code the
-            # user runs after step() (a scheduler's step, a metric) must not be skipped.
-            optimizer.register_step_start_hook(self._at_step_start)
+        # Admit newcomers at the start of the next step, not inside this step(): code the user
+        # runs after step() (a scheduler's step, a metric) must not be skipped. The start of a
+        # step is DistributedOptimizer's to tell, or with a plain torch optimizer the model's
+        # (px.DistributedDataParallel: its next training forward).
+        starter = next((o for o in (optimizer, model)
+                        if o is not None and hasattr(o, "register_step_start_hook")), None)
+        if starter is not None:
+            starter.register_step_start_hook(self._at_step_start)
             self._defer_changes = True
 
     def __getattr__(self, name: str) -> Any:

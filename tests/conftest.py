@@ -62,6 +62,44 @@ def _segments() -> set[str]:
         return set()
 
 
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+"""Under pytest-xdist (`-n 2`) several tests run at once on this machine: /dev/shm is shared
+between them, so segments are checked once for the whole session (`pytest_sessionfinish`)
+instead of per test; every other check stays per test (it is per process)."""
+
+# Tests that must not overlap: the simulated hosts (fixed network names, one Slurm cluster) and
+# the engines (a local Ray, a Spark local-cluster) each run on one xdist worker at a time.
+_ENGINE_FILES = ("test_ray.py", "test_spark.py", "test_bench_iterative.py",
+                 "test_bench_recovery_engines.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & {"simhosts", "slurm_cluster", "own_slurm_cluster"}:
+            item.add_marker(pytest.mark.xdist_group("hosts"))
+        elif item.path.name in _ENGINE_FILES:
+            item.add_marker(pytest.mark.xdist_group("engines"))
+
+
+def pytest_sessionstart(session) -> None:
+    session.config._phalanx_segments = _segments()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller checks once for all of them
+    deadline = time.monotonic() + 5
+    left = _segments() - session.config._phalanx_segments
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = _segments() - session.config._phalanx_segments
+    if left:
+        session.config.get_terminal_writer().line(
+            f"the test session left shared-memory segments {sorted(left)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     env_before = {k: v for k, v in os.environ.items() if k.startswith("PHALANX_")}
@@ -81,7 +119,7 @@ def no_leaks():
     assert not kids, f"test left child processes {sorted(kids)}"
     assert not threads, f"test left threads {threads}"
     assert env_after == env_before, "test changed PHALANX_* environment variables"
-    assert not segs, f"test left shared-memory segments {sorted(segs)}"
+    assert XDIST or not segs, f"test left shared-memory segments {sorted(segs)}"
 
 
 def run_job(tmp_path: Path, script: str, np: int, *launcher_args: str, script_args: tuple[str, ...] = (),

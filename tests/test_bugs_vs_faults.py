@@ -73,7 +73,8 @@ def test_an_exit_status_the_script_chose_is_a_bug_not_a_fault(job) -> None:
     res = job(JOB, 3, "--min-np", "1", "--max-restarts", "2", script_args=("exit=w1:10:os3",),
               timeout=60)
     assert res.returncode == 3, res.stderr
-    assert "respawning" not in res.stderr and "recovered" not in res.stderr
+    # The survivors may have re-formed before the launcher reaped the exit; it is still a bug.
+    assert "respawning" not in res.stderr and "fault(s) recovered" not in res.stderr
     assert re.search(r"job failed: rank 1 \(worker w1, pid \d+\) exited with code 3 \(an exit "
                      r"status the program chose: a bug, not a fault\)", last_line(res)), res.stderr
 

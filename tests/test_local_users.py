@@ -334,6 +334,9 @@ def test_planted_exact_segment_name_fails_with_the_path(attacker, victim, kind):
     assert ("symbolic link" if kind == "link" else f"owned by uid {attacker.uid}") in str(
         results[1])
     assert victim.read_bytes() == VICTIM
+    # A refused group leaves no comm thread behind (the Gloo group and executor are closed).
+    assert not [t.name for t in threading.enumerate()
+                if t.name.startswith("phalanx-comm") and t.is_alive()]
     assert _thread_groups(job_id, secret) == ["ok", "ok"]   # once removed, the job runs
 
 

@@ -138,13 +138,17 @@ class Group:
         self.hier: Hierarchy | None = None
         """Host-level shared memory plus cross-host Gloo, when the hosts are `uniform`."""
         self.shm_path = segment_path(job_id, place.generation, secret=secret)
-        path = self._pick_path()
-        if path == "shm":
-            self.shm = self._open_shm()
-            self.shm.buffers = SharedBuffers(self.shm_path, place.local_rank, place.generation,
-                                             secret=secret)
-        elif path == "hier":
-            self._open_hier()
+        try:
+            path = self._pick_path()
+            if path == "shm":
+                self.shm = self._open_shm()
+                self.shm.buffers = SharedBuffers(self.shm_path, place.local_rank,
+                                                 place.generation, secret=secret)
+            elif path == "hier":
+                self._open_hier()
+        except BaseException:
+            self.close()  # a refused segment (planted by someone else) leaves nothing behind
+            raise
 
     # ----------------------------------------------------------------- setup
     def _pick_path(self) -> str:

@@ -67,8 +67,9 @@ XDIST = "PYTEST_XDIST_WORKER" in os.environ
 between them, so segments are checked once for the whole session (`pytest_sessionfinish`)
 instead of per test; every other check stays per test (it is per process)."""
 
-# Tests that must not overlap: the simulated hosts (fixed network names, one Slurm cluster) and
-# the engines (a local Ray, a Spark local-cluster) each run on one xdist worker at a time.
+# Tests that must not overlap run on one xdist worker at a time (`--dist loadgroup`): the Slurm
+# cluster (one slurmctld on this machine), the other simulated-hosts tests (link shaping and
+# timing-sensitive host losses), and the engines (a local Ray, a Spark local-cluster).
 _ENGINE_FILES = ("test_ray.py", "test_spark.py", "test_bench_iterative.py",
                  "test_bench_recovery_engines.py")
 
@@ -76,7 +77,9 @@ _ENGINE_FILES = ("test_ray.py", "test_spark.py", "test_bench_iterative.py",
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"simhosts", "slurm_cluster", "own_slurm_cluster"}:
+        if names & {"slurm_cluster", "own_slurm_cluster"} or item.path.name == "test_slurm.py":
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif "simhosts" in names:
             item.add_marker(pytest.mark.xdist_group("hosts"))
         elif item.path.name in _ENGINE_FILES:
             item.add_marker(pytest.mark.xdist_group("engines"))

@@ -322,6 +322,7 @@ def test_planted_exact_segment_name_fails_with_the_path(attacker, victim, kind):
     path = segment_path(job_id, 1, secret=secret)
     files, links = ([path], []) if kind == "file" else ([], [path])
     planted = _as_user(attacker, _plant, files, links, str(victim))
+    threads_before = {t.ident for t in threading.enumerate()}
     try:
         results = _thread_groups(job_id, secret)
     finally:
@@ -335,8 +336,8 @@ def test_planted_exact_segment_name_fails_with_the_path(attacker, victim, kind):
         results[1])
     assert victim.read_bytes() == VICTIM
     # A refused group leaves no comm thread behind (the Gloo group and executor are closed).
-    assert not [t.name for t in threading.enumerate()
-                if t.name.startswith("phalanx-comm") and t.is_alive()]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("phalanx-comm")
+                and t.is_alive() and t.ident not in threads_before]
     assert _thread_groups(job_id, secret) == ["ok", "ok"]   # once removed, the job runs
 
 

@@ -78,19 +78,22 @@ def shm_segments() -> set[str]:
 
 
 @pytest.fixture
-def segments_before() -> set[str]:
-    return shm_segments()
+def segments_before() -> tuple[set[str], set[int]]:
+    """The phalanx segments and threads of this process before the test (other tests in this
+    process, in-process groups say, are not this test's to account for)."""
+    return shm_segments(), {t.ident for t in threading.enumerate()}
 
 
-def assert_nothing_left(segments_before: set[str]) -> None:
-    """No phalanx actor alive, no new phalanx shared memory, no coordinator thread here."""
+def assert_nothing_left(before: tuple[set[str], set[int]]) -> None:
+    """No phalanx actor alive, no new phalanx shared memory, no new phalanx thread here."""
+    segments_before, threads_before = before
     deadline = time.monotonic() + 5
     while True:
         actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith("phalanx-")]
         segs = sorted(shm_segments() - segments_before)
-        threads = [t.name for t in threading.enumerate()
-                   if t.name.startswith("phalanx-") and t.is_alive()]
+        threads = [t.name for t in threading.enumerate() if t.name.startswith("phalanx-")
+                   and t.is_alive() and t.ident not in threads_before]
         if not (actors or segs or threads) or time.monotonic() > deadline:
             break
         time.sleep(0.05)

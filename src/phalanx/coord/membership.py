@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import policy
+from .reports import ReportOps
 from .starters import StarterOps
 from .store_ops import BadRequest, StoreOps, _int, _seconds, _str
 
@@ -36,7 +37,7 @@ class World:
     formed_at: float = field(default_factory=time.monotonic)
 
 
-class Membership(StoreOps, StarterOps):
+class Membership(StoreOps, StarterOps, ReportOps):
     """Who is in the job, which generation is current, and the generation-scoped store."""
 
     def __init__(self, *, target_np: int, min_np: int, max_np: int, heartbeat_timeout: float,
@@ -294,52 +295,6 @@ class Membership(StoreOps, StarterOps):
                 m.waiting = False
                 self._event("left", worker=worker)
                 self.cv.notify_all()
-        return {"ok": True}, b""
-
-    def _op_event(self, h: dict[str, Any], _: bytes) -> Reply:
-        """A worker reports something for the launcher's summary (e.g. a chaos rule about to
-        fire). `first` in the reply says whether this `key` was reported before, so a rule
-        fires once per job even when a replacement passes the same step again."""
-        worker, kind = _str(h, "worker", 256), _str(h, "kind", 64)
-        info, key = h.get("info", {}), h.get("key")
-        if not isinstance(info, dict) or len(str(info)) > 4096:
-            raise BadRequest("field 'info' must be a small object")
-        with self.cv:
-            first = key is None or f"{kind}/{key}" not in self.seen_keys
-            if key is not None:
-                self.seen_keys.add(f"{kind}/{str(key)[:256]}")
-            if first:
-                self._event(f"worker-{kind}", worker=worker, info=info)
-        return {"ok": True, "first": first}, b""
-
-    def _op_failed(self, h: dict[str, Any], _: bytes) -> Reply:
-        """A worker is exiting on an exception (a bug, not a fault): it is gone, its
-        generation is broken, and nobody needs to fence it."""
-        worker, error = _str(h, "worker", 256), h.get("error")
-        if not isinstance(error, dict) or len(str(error)) > 8192:
-            raise BadRequest("field 'error' must be a small object")
-        with self.cv:
-            m = self.members.get(worker)
-            if m is None or not m.alive:
-                return {"ok": True}, b""
-            m.alive = m.waiting = False
-            if self.world and worker in self.world.workers:
-                self.broken.add(self.world.generation)
-            self.errors[worker] = {str(k): v for k, v in error.items()}
-            self._event("error", worker=worker, error=self.errors[worker])
-            if self.fail_on_error and not error.get("cascade") and self.failed is None:
-                self.failed = f"worker {worker} raised {error.get('type')}"
-            self.cv.notify_all()
-        if not self._quiet and not error.get("cascade"):
-            log.warning("worker %s raised %s at %s", worker, error.get("type"), error.get("where"))
-        return {"ok": True}, b""
-
-    def _op_rebase(self, h: dict[str, Any], _: bytes) -> Reply:
-        """The job resumed from a checkpoint at `step`: steps after it are gone for good."""
-        step = _int(h, "step")
-        with self.cv:
-            self.max_step = step
-            self._event("rebased", step=step)
         return {"ok": True}, b""
 
     def _op_rendezvous(self, h: dict[str, Any], _: bytes) -> Reply:

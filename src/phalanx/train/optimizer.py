@@ -16,12 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import CollectiveMismatch, ConfigError, PhalanxError
 from . import _comm
@@ -29,12 +27,13 @@ from .buckets import Bucket, build_buckets, layout_mismatch
 from .compression import Compressor, Pending, make_compressor
 from .helpers import prefer_foreach
 from .options import check_options
+from .wrapped import WrappedOptimizer
 
 if TYPE_CHECKING:
     from ..subgroups import Subgroup
 
 
-class DistributedOptimizer(torch.optim.Optimizer):
+class DistributedOptimizer(WrappedOptimizer):
     """Average gradients across workers before each step of a wrapped torch optimizer.
 
     Usage::
@@ -85,7 +84,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                       bucket_cap_mb=bucket_cap_mb,
                       backward_passes_per_step=backward_passes_per_step,
                       comm_thread=comm_thread, model=model, named_parameters=named_parameters)
-        self._opt = optimizer
+        super().__init__(optimizer)
         self.op, self.compression, self.topk_ratio = op, compression, topk_ratio
         self.bucket_cap_mb = bucket_cap_mb
         self.backward_passes_per_step = backward_passes_per_step
@@ -114,37 +113,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._touched = False
         self._last_was_step = False
         self._in_skip = False
-        self._post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._start_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._checked_generation = -1
         self._home: Any = None          # this generation's shared buffers (see Bucket.flat)
         self._t_mark: float | None = None   # end of the last step: where this one's compute began
         self._comm_mark = 0.0
         self._build()
-
-    # ---- delegation: the wrapped optimizer owns groups, state, hooks and defaults ----
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self._opt.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self._opt.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self._opt.defaults
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped torch optimizer."""
-        return self._opt
-
-    def __getattr__(self, name: str) -> Any:
-        opt = self.__dict__.get("_opt")
-        if opt is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(opt, name)
 
     def __getstate__(self) -> dict[str, Any]:
         raise PhalanxError("DistributedOptimizer cannot be pickled; save optimizer.state_dict()")
@@ -152,28 +125,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"DistributedOptimizer({self._opt!r}, compression={self.compression!r})"
 
-    def state_dict(self) -> dict[str, Any]:
-        return self._opt.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._opt.load_state_dict(state_dict)
-
     def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
         return self._opt.register_step_pre_hook(hook)
-
-    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """`hook(optimizer, args, kwargs)` runs after each complete step (reduction applied):
-        the step boundary an elastic `State` registers for."""
-        handle = RemovableHandle(self._post_hooks)
-        self._post_hooks[handle.id] = hook
-        return handle
-
-    def register_step_start_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """`hook(optimizer)` runs once per step, before the step's first reduction (during
-        backward with overlap): an elastic `State` leaves there for a membership change."""
-        handle = RemovableHandle(self._start_hooks)
-        self._start_hooks[handle.id] = hook
-        return handle
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and rebuild the buckets (between steps only)."""
@@ -271,8 +224,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         t_stepped = time.perf_counter()
         self._reset_step()
         self._last_was_step = True
-        for hook in list(self._post_hooks.values()):
-            hook(self, (), {})
+        self._stepped()
         self._record(t_enter, t_synced, t_stepped, time.perf_counter())
         return result
 
@@ -402,8 +354,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if bucket.index == 0:
             # A peer declared lost, or this worker cut off: contribute nothing to this step.
             _comm.check_live()
-            for hook in list(self._start_hooks.values()):
-                hook(self)
+            self._starting()
             if _comm.generation() != self._checked_generation:   # once per generation
                 self._home = _comm.shared_buffers(self.group)
                 self._compressor.inline = self._inline(bucket)

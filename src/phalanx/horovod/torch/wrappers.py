@@ -21,59 +21,27 @@ hooks phalanx's elastic `State` uses to find the step boundary.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
+from ...train.wrapped import WrappedOptimizer
 from . import reduce as R
 from .compression import Compressor
 
 
-class _Wrapped(torch.optim.Optimizer):
-    """Delegation to a wrapped torch optimizer, and phalanx's step hooks."""
+class _Wrapped(WrappedOptimizer):
+    """Delegation to a wrapped torch optimizer (`train.wrapped`), with Horovod's names."""
 
     def __init__(self, optimizer: torch.optim.Optimizer,
-                 names: dict[torch.Tensor, str]) -> None:   # no super().__init__: it delegates
-        self._opt = optimizer
+                 names: dict[torch.Tensor, str]) -> None:
+        super().__init__(optimizer)
         self._parameter_names = names
         """Each parameter's name (Horovod's attribute: the names its reductions carry)."""
-        self._post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._start_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self._opt.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self._opt.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self._opt.defaults
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped torch optimizer."""
-        return self._opt
-
-    def __getattr__(self, name: str) -> Any:
-        opt = self.__dict__.get("_opt")
-        if opt is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(opt, name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._opt!r})"
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._opt.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._opt.load_state_dict(state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._opt.zero_grad(set_to_none=set_to_none)
@@ -81,24 +49,8 @@ class _Wrapped(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._opt.add_param_group(param_group)
 
-    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """`hook(optimizer, args, kwargs)` after each step (an elastic State's boundary)."""
-        handle = RemovableHandle(self._post_hooks)
-        self._post_hooks[handle.id] = hook
-        return handle
-
-    def register_step_start_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """`hook(optimizer)` at the start of each step, before any reduction."""
-        handle = RemovableHandle(self._start_hooks)
-        self._start_hooks[handle.id] = hook
-        return handle
-
     def synchronize(self) -> None:
         """Nothing to do: these optimizers reduce (if at all) inside `step()`."""
-
-    def _stepped(self) -> None:
-        for hook in list(self._post_hooks.values()):
-            hook(self, (), {})
 
 
 class LocalOptimizer(_Wrapped):
@@ -110,8 +62,7 @@ class LocalOptimizer(_Wrapped):
         yield
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        for hook in list(self._start_hooks.values()):
-            hook(self)
+        self._starting()
         result = self._opt.step(closure) if closure is not None else self._opt.step()
         self._stepped()
         return result
@@ -136,8 +87,7 @@ class AdasumOptimizer(_Wrapped):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Step locally, Adasum-combine each parameter's delta across ranks, apply it."""
         loss = closure() if closure is not None else None
-        for hook in list(self._start_hooks.values()):
-            hook(self)
+        self._starting()
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         starts = [p.detach().clone() for p in params]
         self._opt.step()

@@ -151,8 +151,15 @@ class Runtime:
     def report_step(self, step: int) -> None:
         """The State completed `step`: the coordinator hears it with the next heartbeat."""
         self.recorder.state_step = step
-        if self.client is not None:
-            self.client.step = step
+        if self.client is None:
+            return
+        first = self.client.step < 0 < step
+        self.client.step = step
+        if first:
+            # Heartbeats carry the step every ~0.25 s; a job whose workers all die before
+            # their first beat after step 1 would otherwise look untrained and restart
+            # silently from step 0. One request per process closes that window.
+            self.client.request({"op": "progress", "worker": self.worker, "step": step})
 
     def rebase_step(self, step: int) -> None:
         """The job resumed from a checkpoint at `step`: newer steps are gone for good."""

@@ -1,5 +1,5 @@
 """The coordinator's side of what workers report for the launcher: events for its summary
-(a chaos rule about to fire, a failed checkpoint save), an exception that fails the job, a
+(a chaos rule about to fire, a failed checkpoint save), a worker's first step, an exception that fails the job, a
 resume from a checkpoint. Guarded by the membership's `cv`, like `StarterOps`."""
 
 from __future__ import annotations
@@ -67,6 +67,17 @@ class ReportOps:
             self.cv.notify_all()
         if not self._quiet and not error.get("cascade"):
             log.warning("worker %s raised %s at %s", worker, error.get("type"), error.get("where"))
+        return {"ok": True}, b""
+
+    def _op_progress(self, h: dict[str, Any], _: bytes) -> Reply:
+        """A worker completed its first step: heard at once rather than with its next beat, so
+        the job knows it has trained even if every worker dies before beating again."""
+        worker, step = _str(h, "worker", 256), _int(h, "step")
+        with self.cv:
+            m = self.members.get(worker)
+            if m is not None and m.alive:
+                m.step = max(m.step, step)
+                self.max_step = max(self.max_step, step)
         return {"ok": True}, b""
 
     def _op_rebase(self, h: dict[str, Any], _: bytes) -> Reply:

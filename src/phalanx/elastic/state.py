@@ -168,8 +168,8 @@ class State:
         from .. import api
         if self.checkpointer is None:
             raise ProgressLost(
-                f"every worker holding the training state was lost: the job had reached step "
-                f"{job_step} but the most advanced worker left is at step {plan.step}. With no "
+                f"every worker holding the training state was lost: the job had reached at least "
+                f"step {job_step} but the most advanced worker left is at step {plan.step}. With no "
                 "durable checkpoint to resume from, continuing would silently restart training; "
                 "pass State(..., checkpointer=px.elastic.Checkpointer(DIR)) to survive this")
         step, tried = self.checkpointer.load_newest(self) if api.rank() == 0 else (None, [])
@@ -177,8 +177,9 @@ class State:
             (self.state_dict(copy_=False) if step is not None else None, tried), 0)
         if sd is None:
             raise ProgressLost(f"every worker holding the training state was lost (the job had "
-                               f"reached step {job_step}) and {self.checkpointer.directory} holds "
-                               f"no valid checkpoint (tried: {'; '.join(tried) or 'none there'}); "
+                               f"reached at least step {job_step}) and "
+                               f"{self.checkpointer.directory} holds no valid checkpoint "
+                               f"(tried: {'; '.join(tried) or 'none there'}); "
                                "failing rather than restarting from step 0")
         self.load_state_dict(sd)
         rt = runtime.active()

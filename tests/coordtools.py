@@ -59,8 +59,9 @@ def authed(srv: CoordServer, worker: str = "x") -> Channel:
 
 def send_raw(chan: Channel, head: bytes, payload: bytes = b"") -> None:
     """A frame with a valid tag around arbitrary header bytes (not necessarily JSON)."""
-    tag = chan._tag(chan._send_dir, chan._send_seq, head, payload)
-    chan._send_seq += 1
+    codec = chan._codec
+    tag = codec._tag(codec._send_dir, codec._send_seq, head, payload)
+    codec._send_seq += 1
     chan.sock.sendall(struct.pack("!II", len(head), len(payload)) + head + payload + tag)
 
 

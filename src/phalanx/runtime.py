@@ -11,7 +11,6 @@ import atexit
 import hashlib
 import logging
 import os
-import resource
 import socket
 import threading
 import time
@@ -23,6 +22,7 @@ from .comm.group import Group, Placement
 from .comm.store import CoordStore
 from .config import Config
 from .coord.client import CoordClient
+from .coord.server import raise_fd_limit
 from .errors import ConfigError, JobFinished, RendezvousError
 from .observe import Recorder
 from .observe import merge as merge_timeline
@@ -208,18 +208,6 @@ def _warm_imports() -> None:
     try:
         import torch._dynamo  # noqa: F401
     except Exception:  # an optional speed-up; never a reason to fail
-        pass
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft open-files limit to the hard one: Gloo holds a socket per peer and
-    aborts the process (inside torch) when it runs out of descriptors."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                        else max(soft, 1 << 16), hard))
-    except (ValueError, OSError):
         pass
 
 

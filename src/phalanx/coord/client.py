@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -168,12 +169,14 @@ class CoordClient:
 
     def rendezvous(self, *, after: int, step: int = -1, timeout: float = 60.0) -> dict[str, Any]:
         """Block until a generation newer than `after` that includes us forms; return our place."""
-        reply, _ = self.request({"op": "rendezvous", "worker": self.worker, "after": after,
-                                 "step": step, "timeout": timeout})
+        reply, roster = self.request({"op": "rendezvous", "worker": self.worker,
+                                      "after": after, "step": step, "timeout": timeout})
         if not reply.get("ok"):
             if reply.get("finished"):
                 raise JobFinished(str(reply.get("error")))
             raise RendezvousError(f"rendezvous at {self.addr} failed: {reply.get('error')}")
+        if roster:  # hosts, workers and pids of the generation: one blob shared by all ranks
+            reply.update(json.loads(roster))
         self.generation = int(reply["generation"])
         return reply
 

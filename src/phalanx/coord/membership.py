@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import policy
+from .member_ops import MemberOps
 from .reports import ReportOps
 from .starters import StarterOps
-from .store_ops import BadRequest, StoreOps, _int, _seconds, _str
+from .store_ops import BadRequest, StoreOps, _int, _str
+from .waits import NEWS, WORLD, Answer, Reply, starter_topic
 
 log = logging.getLogger("phalanx.coord")
 
 FenceFn = Callable[[str, int, bool], None]
-Reply = tuple[dict[str, Any], bytes]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -35,9 +36,11 @@ class World:
     hosts: list[str]
     steps: list[int]
     formed_at: float = field(default_factory=time.monotonic)
+    spans: dict[str, tuple[int, int]] | None = None
+    """Host -> (first rank, ranks there), filled on first use."""
 
 
-class Membership(StoreOps, StarterOps, ReportOps):
+class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
     """Who is in the job, which generation is current, and the generation-scoped store."""
 
     def __init__(self, *, target_np: int, min_np: int, max_np: int, heartbeat_timeout: float,
@@ -83,6 +86,11 @@ class Membership(StoreOps, StarterOps, ReportOps):
         self._wait_since: float | None = None
         self._stop = stop
         self._quiet = False
+        self.wake: Callable[[tuple[str, ...]], None] = lambda topics: None
+        """Set by the server: retry the parked requests waiting on these topics."""
+        self._form_due = False
+        self._status_cache: dict[int, dict[str, Any]] = {}
+        self._roster: tuple[int, bytes] | None = None
 
     # ----------------------------------------------------------------- decisions from outside
     def fail(self, reason: str) -> None:
@@ -91,7 +99,7 @@ class Membership(StoreOps, StarterOps, ReportOps):
             if self.failed is None:
                 self.failed = reason
                 self._event("failed", reason=reason)
-            self.cv.notify_all()
+            self._members_changed()
 
     def quiet(self) -> None:
         """The job is being stopped on purpose: losses are expected, so log none."""
@@ -116,7 +124,8 @@ class Membership(StoreOps, StarterOps, ReportOps):
             starter = self.starters.get(worker)
             if starter is not None:
                 self.orders.setdefault(starter, []).append((worker, pid))
-            self.cv.notify_all()
+                self.wake((starter_topic(starter),))
+            self._members_changed()
         if not self._quiet:
             log.warning("worker %s lost: %s", worker, reason)
         if self.fence is not None:
@@ -136,7 +145,7 @@ class Membership(StoreOps, StarterOps, ReportOps):
                 self.broken.add(self.world.generation)
             if gone:
                 self._event("lost", workers=gone, reason=reason)
-            self.cv.notify_all()
+            self._members_changed()
         if gone and not self._quiet:
             log.warning("%s: worker(s) %s lost", reason, ", ".join(gone))
 
@@ -181,7 +190,8 @@ class Membership(StoreOps, StarterOps, ReportOps):
                 world = [self.members[w] for w in self.world.workers]
                 decisions.append(policy.find_stragglers(world, self.world.generation,
                                                         self.straggler_timeout))
-            self._maybe_form()
+            if self._wait_since is not None:  # someone waits: the settle time may have passed
+                self._maybe_form()
         for decision in decisions:
             for w in decision.members if decision.act else []:
                 self.declare_lost(w, decision.reason)
@@ -200,12 +210,33 @@ class Membership(StoreOps, StarterOps, ReportOps):
             want = self.tokens.get(worker)
         return want is not None and secrets.compare_digest(want, token)
 
-    def _event(self, kind: str, **info: Any) -> None:
+    def _event(self, kind: str, *, news: bool = True, **info: Any) -> None:
+        """Record an event for the launcher; `news` also tells every heartbeat at once."""
         self.events.append({"t": time.time(), "event": kind, **info})
+        if news:
+            self._news()
+
+    def _news(self) -> None:
         self.version += 1
+        self._status_cache.clear()
+        self.wake((NEWS,))
+
+    def _members_changed(self) -> None:
+        """Who is alive or waiting changed: try forming on the server's next pass, and let
+        parked rendezvous look again (lock held)."""
+        self._form_due = True
+        self.wake((WORLD,))
+
+    def form_if_due(self) -> None:
+        """Called by the server after each batch of requests: one formation attempt for all
+        the rendezvous and losses that arrived together, not one per request."""
+        with self.cv:
+            if self._form_due:
+                self._form_due = False
+                self._maybe_form()
 
     # ----------------------------------------------------------------- requests
-    def handle(self, op: str, h: dict[str, Any], payload: bytes) -> Reply:
+    def handle(self, op: str, h: dict[str, Any], payload: bytes) -> Answer:
         """Answer one authenticated request; malformed ones get {'ok': False, 'error': ...}."""
         handler = getattr(self, f"_op_{op}", None) if op.isidentifier() else None
         if handler is None:
@@ -232,56 +263,12 @@ class Membership(StoreOps, StarterOps, ReportOps):
                 m = policy.MemberStatus(worker=worker, host=host, rank_hint=rank_hint)
                 self.members[worker] = m
                 self.tokens[worker] = secrets.token_hex(16)
-                self._event("joined", worker=worker, host=m.host)
+                self._event("joined", news=False, worker=worker, host=m.host)
             m.last_heartbeat = time.monotonic()
             self.pids[worker] = pid
             if starter:
                 self.starters[worker] = starter
-            self.cv.notify_all()
             return {"ok": True, "token": self.tokens[worker]}, b""
-
-    def _op_heartbeat(self, h: dict[str, Any], _: bytes) -> Reply:
-        """A beat; with `hold`, the reply waits up to that long for news (a loss, a new
-        generation), so every worker hears of a loss within milliseconds."""
-        worker, generation = _str(h, "worker", 256), _int(h, "generation", 0)
-        step, hold = _int(h, "step", -1), min(_seconds(h, "hold", 0.0), 5.0)
-        with self.cv:
-            m = self.members.get(worker)
-            if m is None or not m.alive:
-                return {"ok": False, "fenced": True,
-                        "error": f"worker {worker} is not a live member"}, b""
-            m.last_heartbeat = time.monotonic()
-            m.step, m.generation = step, generation
-            m.collectives, m.blocked = _int(h, "coll", 0), _seconds(h, "blocked", 0.0)
-            self.max_step = max(self.max_step, step)
-            seen, deadline = self.version, time.monotonic() + hold
-            while self.version == seen and not self._stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            if not m.alive:
-                return {"ok": False, "fenced": True,
-                        "error": f"worker {worker} was declared lost"}, b""
-            return self._status_reply(generation), b""
-
-    def _status_reply(self, generation: int) -> dict[str, Any]:
-        world = self.world
-        current = world.generation if world else 0
-        lost: list[int] = []
-        if world and world.generation == generation:
-            lost = [r for r, w in enumerate(world.workers)
-                    if not self.members[w].alive and not self.members[w].left]
-        waiting_outside = sum(1 for m in self.members.values() if m.alive and m.waiting
-                              and (not world or m.worker not in world.workers))
-        return {"ok": True, "generation": current, "asked": generation, "lost_ranks": lost,
-                "broken": generation in self.broken, "newcomers": waiting_outside,
-                "failed": self.failed}
-
-    def _op_status(self, h: dict[str, Any], _: bytes) -> Reply:
-        generation = _int(h, "generation", 0)
-        with self.cv:
-            return self._status_reply(generation), b""
 
     def _op_leave(self, h: dict[str, Any], _: bytes) -> Reply:
         worker, step = _str(h, "worker", 256), _int(h, "step", -1)
@@ -294,45 +281,8 @@ class Membership(StoreOps, StarterOps, ReportOps):
                 m.left = True
                 m.waiting = False
                 self._event("left", worker=worker)
-                self.cv.notify_all()
+                self._members_changed()
         return {"ok": True}, b""
-
-    def _op_rendezvous(self, h: dict[str, Any], _: bytes) -> Reply:
-        worker, after = _str(h, "worker", 256), _int(h, "after", 0)
-        step = _int(h, "step", -1)
-        deadline = time.monotonic() + _seconds(h, "timeout", 60.0)
-        with self.cv:
-            m = self.members.get(worker)
-            if m is None or not m.alive:
-                return {"ok": False, "error": f"worker {worker} is not a live member; join first"}, b""
-            m.waiting = True
-            m.step = step
-            self.max_step = max(self.max_step, step)
-            if self._wait_since is None:
-                self._wait_since = time.monotonic()
-            self.cv.notify_all()
-            while True:
-                self._maybe_form()
-                w = self.world
-                if w is not None and w.generation > after and worker in w.workers:
-                    return self._assignment(w, worker), b""
-                if not m.alive:
-                    return {"ok": False, "error": f"worker {worker} was declared lost"}, b""
-                if self.failed is not None:
-                    m.waiting = False
-                    return {"ok": False, "failed": True,
-                            "error": f"the job is failing: {self.failed}"}, b""
-                if w is not None and worker not in w.workers and self._finished(w):
-                    m.waiting = False
-                    return {"ok": False, "finished": True,
-                            "error": "the job finished before this worker could join"}, b""
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    m.waiting = False
-                    n = sum(1 for x in self.members.values() if x.alive and x.waiting)
-                    return {"ok": False, "error": f"rendezvous timed out: {n} worker(s) waiting, "
-                            f"need {self.target_np if w is None else self.min_np}"}, b""
-                self.cv.wait(min(left, 0.05))
 
     def _finished(self, w: World) -> bool:
         """Every member of the current generation left cleanly: the job is over."""
@@ -373,17 +323,7 @@ class Membership(StoreOps, StarterOps, ReportOps):
             del self.kv[k]
         self._event("generation", generation=gen, workers=order, reason=decision.reason)
         log.info("generation %d formed with %d workers: %s", gen, len(order), decision.reason)
-        self.cv.notify_all()
+        self.wake((WORLD,))
         for w in late:
             self.declare_lost(w, f"did not re-form with its peers within {self.settle:.1f}s; "
                               f"generation {gen} formed without it")
-
-    def _assignment(self, w: World, worker: str) -> dict[str, Any]:
-        rank = w.workers.index(worker)
-        host = w.hosts[rank]
-        local = [i for i, h in enumerate(w.hosts) if h == host]
-        return {"ok": True, "generation": w.generation, "rank": rank, "size": len(w.workers),
-                "local_rank": local.index(rank), "local_size": len(local),
-                "hosts": w.hosts, "workers": w.workers, "steps": w.steps,
-                "job_step": self.max_step,
-                "pids": [self.pids.get(x, -1) for x in w.workers]}

@@ -42,6 +42,8 @@ CHUNK = 1 << 20
 """Most bytes read per recv() call: a frame's buffer grows only as its bytes arrive."""
 _PREFIX = struct.Struct("!II")
 _SEQ = struct.Struct("!cQ")
+PREFIX_BYTES = _PREFIX.size
+"""Bytes of a frame's length prefix (header length, payload length)."""
 TO_SERVER = b"S"
 TO_CLIENT = b"C"
 
@@ -89,11 +91,12 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> by
     return bytes(buf)
 
 
-class Channel:
-    """One authenticated connection end: sends and receives MAC'd frames in order."""
+class Codec:
+    """One connection end's frame sealing and checking: its MAC key, direction and sequence
+    numbers. `Channel` uses it over a blocking socket; the coordinator's event loop over a
+    buffer of whatever bytes have arrived."""
 
-    def __init__(self, sock: socket.socket, key: bytes, *, is_server: bool) -> None:
-        self.sock = sock
+    def __init__(self, key: bytes, *, is_server: bool) -> None:
         self._key = key
         self._send_dir = TO_CLIENT if is_server else TO_SERVER
         self._recv_dir = TO_SERVER if is_server else TO_CLIENT
@@ -107,12 +110,53 @@ class Channel:
         mac.update(payload)
         return mac.digest()
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        """Send one frame; a peer that does not read it within `frame_seconds` times it out."""
+    def seal(self, header: dict[str, Any], payload: bytes = b"") -> bytes:
+        """The bytes of the next frame this end sends."""
         head = json.dumps(header, separators=(",", ":")).encode()
         tag = self._tag(self._send_dir, self._send_seq, head, payload)
         self._send_seq += 1
-        frame = _PREFIX.pack(len(head), len(payload)) + head + payload + tag
+        return b"".join((_PREFIX.pack(len(head), len(payload)), head, payload, tag))
+
+    def open(self, head: bytes, payload: bytes, tag: bytes) -> dict[str, Any]:
+        """Check the next received frame's tag and parse its header (AuthenticationError,
+        FrameError)."""
+        want = self._tag(self._recv_dir, self._recv_seq, head, payload)
+        if not hmac.compare_digest(tag, want):
+            raise AuthenticationError("bad HMAC: the peer does not hold this job's secret")
+        self._recv_seq += 1
+        try:
+            header = json.loads(head)
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
+            raise FrameError(f"frame header is not JSON: {str(e)[:200]}") from None
+        if not isinstance(header, dict):
+            raise FrameError(f"frame header is a JSON {type(header).__name__}, not an object")
+        return header
+
+
+def read_lengths(prefix: bytes) -> tuple[int, int]:
+    """A frame's announced (header, payload) lengths from its first PREFIX_BYTES bytes."""
+    hlen, plen = _PREFIX.unpack(prefix)
+    return hlen, plen
+
+
+def check_lengths(hlen: int, plen: int, limit: int) -> None:
+    """Refuse a frame whose announced lengths exceed the caps (before reading its bytes)."""
+    if hlen > MAX_HEADER or plen > MAX_PAYLOAD or hlen + plen > limit:
+        raise FrameError(f"oversized frame (header {hlen} B, payload {plen} B): the limits "
+                         f"are {MAX_HEADER} B of header, {MAX_PAYLOAD} B of payload and "
+                         f"{limit} B per frame on this connection")
+
+
+class Channel:
+    """One authenticated connection end: sends and receives MAC'd frames in order."""
+
+    def __init__(self, sock: socket.socket, key: bytes, *, is_server: bool) -> None:
+        self.sock = sock
+        self._codec = Codec(key, is_server=is_server)
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Send one frame; a peer that does not read it within `frame_seconds` times it out."""
+        frame = self._codec.seal(header, payload)
         self.sock.settimeout(frame_seconds(len(frame)))
         self.sock.sendall(frame)
 
@@ -133,22 +177,9 @@ class Channel:
             return end if deadline is None else min(end, deadline)
 
         hlen, plen = _PREFIX.unpack(first + recv_exact(self.sock, _PREFIX.size - 1, by(0)))
-        if hlen > MAX_HEADER or plen > MAX_PAYLOAD or hlen + plen > limit:
-            raise FrameError(f"oversized frame (header {hlen} B, payload {plen} B): the limits "
-                             f"are {MAX_HEADER} B of header, {MAX_PAYLOAD} B of payload and "
-                             f"{limit} B per frame on this connection")
+        check_lengths(hlen, plen, limit)
         end = by(hlen + plen)
         head = recv_exact(self.sock, hlen, end)
         payload = recv_exact(self.sock, plen, end) if plen else b""
         tag = recv_exact(self.sock, TAG_BYTES, end)
-        want = self._tag(self._recv_dir, self._recv_seq, head, payload)
-        if not hmac.compare_digest(tag, want):
-            raise AuthenticationError("bad HMAC: the peer does not hold this job's secret")
-        self._recv_seq += 1
-        try:
-            header = json.loads(head)
-        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
-            raise FrameError(f"frame header is not JSON: {str(e)[:200]}") from None
-        if not isinstance(header, dict):
-            raise FrameError(f"frame header is a JSON {type(header).__name__}, not an object")
-        return header, payload
+        return self._codec.open(head, payload, tag), payload

@@ -30,6 +30,8 @@ class ReportOps:
     _quiet: bool
     _event: Callable[..., None]
     """Membership's: record an event for the launcher."""
+    _members_changed: Callable[[], None]
+    """Membership's: a member left the books; rendezvous and formation look again."""
 
     def _op_event(self, h: dict[str, Any], _: bytes) -> Reply:
         """A worker reports something for the launcher's summary (e.g. a chaos rule about to
@@ -44,7 +46,7 @@ class ReportOps:
             if key is not None:
                 self.seen_keys.add(f"{kind}/{str(key)[:256]}")
             if first:
-                self._event(f"worker-{kind}", worker=worker, info=info)
+                self._event(f"worker-{kind}", news=False, worker=worker, info=info)
         return {"ok": True, "first": first}, b""
 
     def _op_failed(self, h: dict[str, Any], _: bytes) -> Reply:
@@ -64,7 +66,7 @@ class ReportOps:
             self._event("error", worker=worker, error=self.errors[worker])
             if self.fail_on_error and not error.get("cascade") and self.failed is None:
                 self.failed = f"worker {worker} raised {error.get('type')}"
-            self.cv.notify_all()
+            self._members_changed()
         if not self._quiet and not error.get("cascade"):
             log.warning("worker %s raised %s at %s", worker, error.get("type"), error.get("where"))
         return {"ok": True}, b""
@@ -85,5 +87,5 @@ class ReportOps:
         step = _int(h, "step")
         with self.cv:
             self.max_step = step
-            self._event("rebased", step=step)
+            self._event("rebased", news=False, step=step)
         return {"ok": True}, b""

@@ -1,8 +1,11 @@
 """The coordinator's network side: an authenticated TCP service in front of `Membership`.
 
-Hosted by the launcher (so a worker's death never takes it down). It accepts connections,
-authenticates every frame (HMAC over the per-job secret, see `protocol.py`), and hands each
-request to `Membership`, which holds the members, generations and the bootstrap store.
+Hosted by the launcher (so a worker's death never takes it down). One thread runs every
+connection (`eventloop.py`: a selector, no thread per connection), authenticates every frame
+(HMAC over the per-job secret, see `protocol.py`), and hands each request to `Membership`,
+which holds the members, generations and the bootstrap store; a request that must wait is
+parked, not blocked. A second thread runs the membership's timers, a third reports closed
+heartbeat connections (fencing may take a moment).
 
 The port is reachable by anyone on the network, so nothing an unauthenticated peer sends may
 cost the launcher much: a new connection may send one small frame and must prove it holds the
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import queue
+import resource
 import socket
 import threading
 import time
@@ -24,16 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AuthenticationError, ConfigError
+from ..errors import ConfigError
+from .eventloop import Conn, EventLoop
 from .membership import FenceFn, Membership, World
-from .protocol import MAX_FIRST_FRAME, NONCE_BYTES, Channel, FrameError, connection_key
+from .waits import Answer
 
 log = logging.getLogger("phalanx.coord")
 
-__all__ = ["ConnectionLimits", "CoordServer", "World"]
+__all__ = ["ConnectionLimits", "CoordServer", "World", "raise_fd_limit"]
 
-ACCEPT_BACKOFF = 0.1
-"""Seconds the accept loop waits after accept() fails (e.g. EMFILE: out of file descriptors)."""
 LOG_INTERVAL = 1.0
 """At most one log line per this many seconds per reason a connection was refused or dropped."""
 
@@ -42,11 +45,12 @@ LOG_INTERVAL = 1.0
 class ConnectionLimits:
     """Caps that keep a flood of connections from exhausting the launcher's threads and memory."""
 
-    max_connections: int = 2048
-    """Open connections in all; each holds a thread and a file descriptor."""
+    max_connections: int = 65536
+    """Open connections in all; each holds a file descriptor and its buffers (each worker
+    holds two: requests and heartbeats). The process's open-files limit bounds it too."""
 
-    max_per_address: int = 512
-    """Open connections from one IP address (each worker holds two: requests and heartbeats)."""
+    max_per_address: int = 65536
+    """Open connections from one IP address (a host running many workers, or a NAT)."""
 
     max_pending: int = 256
     """Connections that have not yet sent an authenticated frame, in all."""
@@ -113,6 +117,18 @@ _SPEAKS_FOR = frozenset({"join", "leave", "failed", "event", "rendezvous"})
 """Ops whose 'worker' field must match the connection's hello."""
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft open-files limit to the hard one: the coordinator holds two sockets per
+    worker, and Gloo a socket per peer (it aborts the process when it runs out)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else max(soft, 1 << 16), hard))
+    except (ValueError, OSError):
+        pass
+
+
 class CoordServer:
     """Serves one job's coordinator on (host, port); port 0 picks a free one."""
 
@@ -132,12 +148,14 @@ class CoordServer:
             stopped_timeout=stopped_timeout, probe_stopped=probe_stopped, stop=self._stop)
         self.rejected = 0
         self._lock = threading.Lock()
-        self._sock = socket.create_server((host, port), reuse_port=False, backlog=256)
+        raise_fd_limit()
+        self._sock = socket.create_server((host, port), reuse_port=False, backlog=4096)
         self.host, self.port = self._sock.getsockname()[:2]
-        self._conns: set[socket.socket] = set()
         self._open: Counter[str] = Counter()  # IP address -> open connections
         self._pending: Counter[str] = Counter()  # IP address -> connections not yet authenticated
         self._drops = _DropLog()
+        self._loop: EventLoop | None = None
+        self._closed_beats: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
     # ----------------------------------------------------------------- lifecycle
@@ -146,7 +164,11 @@ class CoordServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> CoordServer:
-        for target in (self._accept_loop, self._monitor_loop):
+        self._loop = EventLoop(self._sock, self, self._stop, secret=self._secret,
+                               auth_timeout=self.limits.auth_timeout)
+        self.membership.wake = self._loop.wake
+        self._loop.start()
+        for target in (self._monitor_loop, self._beats_closed_loop):
             t = threading.Thread(target=target, name=f"phalanx-coord-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -154,26 +176,18 @@ class CoordServer:
 
     def stop(self) -> None:
         self._stop.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        except OSError:
-            pass
+        self._closed_beats.put(None)
+        if self._loop is not None:
+            self._loop.wake(("stop",))
+            self._loop.join(timeout=2)
+        for t in self._threads:
+            t.join(timeout=2)
+        if self._loop is not None:
+            self._loop.close_all()
         try:
             self._sock.close()
         except OSError:
             pass
-        with self.membership.cv:
-            self.membership.cv.notify_all()
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-        for t in self._threads:
-            t.join(timeout=2)
         self._drops.flush(force=True)
 
     def __enter__(self) -> CoordServer:
@@ -202,47 +216,22 @@ class CoordServer:
         """How many connections were refused or dropped, by reason (as logged)."""
         return self._drops.counts()
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        with self._lock:
+            return sum(self._open.values())
+
     def declare_lost(self, worker: str, reason: str, *, urgent: bool = True) -> None:
         """Mark a worker lost, break its generation, and fence it (see `Membership`)."""
         self.membership.declare_lost(worker, reason, urgent=urgent)
 
-    # ----------------------------------------------------------------- threads
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, addr = self._sock.accept()
-            except OSError as e:
-                if self._stop.is_set():
-                    return
-                # Out of file descriptors (EMFILE), kernel buffers, ...: the connections already
-                # open (the job's workers) still need us, so back off and keep accepting.
-                self._drops.note("accept() failed; retrying", f"{e}")
-                self._stop.wait(ACCEPT_BACKOFF)
-                continue
-            self._start(conn, addr)
-
-    def _start(self, conn: socket.socket, addr: Any) -> None:
-        ip, who = str(addr[0]), f"{addr[0]}:{addr[1]}"
-        why = self._admit(ip)
-        if why is not None:
-            conn.close()
-            self._drops.note("refused a connection over the connection caps", f"{who}: {why}")
-            return
-        with self._lock:
-            self._conns.add(conn)
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn, ip, who, time.monotonic()),
-                             daemon=True, name="phalanx-coord-conn").start()
-        except (OSError, RuntimeError) as e:  # RuntimeError: can't start new thread
-            self._release(conn, ip, pending=True)
-            self._drops.note("dropped a connection: cannot serve it", f"{who}: {e}")
-
-    def _admit(self, ip: str) -> str | None:
+    # ----------------------------------------------------------------- the event loop's
+    def admit(self, ip: str) -> str | None:
         """Count a new connection in, or say which cap it would break."""
         lim = self.limits
         with self._lock:
-            n_open, n_pending = len(self._conns), sum(self._pending.values())
+            n_open, n_pending = sum(self._open.values()), sum(self._pending.values())
             if n_open >= lim.max_connections:
                 return f"{n_open} connections open (max_connections={lim.max_connections})"
             if self._open[ip] >= lim.max_per_address:
@@ -258,74 +247,61 @@ class CoordServer:
             self._pending[ip] += 1
         return None
 
+    def note(self, reason: str, detail: str) -> None:
+        self._drops.note(reason, detail)
+
+    def authenticated(self, conn: Conn) -> None:
+        self._leave_pending(conn.ip)
+
+    def answer(self, conn: Conn, header: dict[str, Any], payload: bytes) -> Answer:
+        op = header.get("op")
+        if op == "hello":
+            conn.worker, conn.beating, reply = self._hello(header)
+            return reply, b""
+        return self._request(op, header, payload, conn.worker, conn.beating)
+
+    def closed(self, conn: Conn, why: str | None, detail: str) -> None:
+        if why is not None:
+            if "authentication" in why:
+                with self._lock:
+                    self.rejected += 1
+            self._drops.note(why, detail)
+        with self._lock:
+            self._open[conn.ip] -= 1
+            if self._open[conn.ip] <= 0:
+                del self._open[conn.ip]
+        if not conn.authed:
+            self._leave_pending(conn.ip)
+        # A heartbeat connection closing without a goodbye means the process died.
+        if conn.beating and conn.worker and not self._stop.is_set():
+            self._closed_beats.put(conn.worker)
+
+    def after_pass(self) -> None:
+        self.membership.form_if_due()
+
     def _leave_pending(self, ip: str) -> None:
         with self._lock:
             self._pending[ip] -= 1
             if self._pending[ip] <= 0:
                 del self._pending[ip]
 
-    def _release(self, conn: socket.socket, ip: str, *, pending: bool) -> None:
-        with self._lock:
-            self._conns.discard(conn)
-            self._open[ip] -= 1
-            if self._open[ip] <= 0:
-                del self._open[ip]
-        if pending:
-            self._leave_pending(ip)
-        conn.close()
-
+    # ----------------------------------------------------------------- threads
     def _monitor_loop(self) -> None:
         while not self._stop.wait(0.05):
             self.membership.tick()
             self._drops.flush()
 
-    def _serve(self, conn: socket.socket, ip: str, who: str, accepted: float) -> None:
-        auth_deadline = accepted + self.limits.auth_timeout
-        authed, worker, beating = False, None, False
-        try:
-            nonce = os.urandom(NONCE_BYTES)
-            conn.settimeout(self.limits.auth_timeout)
-            conn.sendall(nonce)
-            chan = Channel(conn, connection_key(self._secret, nonce), is_server=True)
-            while not self._stop.is_set():
-                if authed:  # may idle for as long as its worker trains without a request
-                    header, payload = chan.recv()
-                else:
-                    header, payload = chan.recv(limit=MAX_FIRST_FRAME, deadline=auth_deadline)
-                    authed = True
-                    self._leave_pending(ip)
-                op = header.get("op")
-                if op == "hello":
-                    worker, beating, reply = self._hello(header)
-                    chan.send(reply)
-                else:
-                    chan.send(*self._request(op, header, payload, worker, beating))
-        except AuthenticationError as e:
-            with self._lock:
-                self.rejected += 1
-            self._drops.note("dropped a connection that failed authentication", f"{who}: {e}")
-        except FrameError as e:
-            self._drops.note("dropped a connection that sent a bad frame", f"{who}: {e}")
-        except TimeoutError as e:
-            if authed:
-                self._drops.note("dropped a connection whose frame did not complete in time",
-                                 f"{who}: {e}")
-            else:
-                self._drops.note("dropped a connection that did not authenticate in time",
-                                 f"{who}: no authenticated frame within "
-                                 f"{self.limits.auth_timeout:g}s ({e})")
-        except (ConnectionError, OSError):
-            pass  # the peer hung up, or stop() shut the socket
-        except Exception:  # a bug of ours: log it, and still free the connection's slot
-            log.exception("coordinator connection from %s failed", who)
-        finally:
-            self._release(conn, ip, pending=not authed)
-            # A heartbeat connection closing without a goodbye means the process died.
-            if beating and worker and not self._stop.is_set():
-                self.membership.heartbeat_closed(worker)
+    def _beats_closed_loop(self) -> None:
+        """Declares workers whose heartbeat connection closed lost, off the loop's thread:
+        fencing signals a process or asks its starter, which may take a moment."""
+        while True:
+            worker = self._closed_beats.get()
+            if worker is None or self._stop.is_set():
+                return
+            self.membership.heartbeat_closed(worker)
 
     def _request(self, op: Any, h: dict[str, Any], payload: bytes, speaks_for: str | None,
-                 beating: bool) -> tuple[dict[str, Any], bytes]:
+                 beating: bool) -> Answer:
         """Answer one request; malformed ones (and our own failures) get an error reply.
 
         A request that names a worker (or a starter) must come from a connection whose hello

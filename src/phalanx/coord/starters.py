@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .store_ops import BadRequest, Reply, _int, _seconds, _str
+from .store_ops import BadRequest, _int, _seconds, _str
+from .waits import WORLD, Answer, Reply, Wait, starter_topic
 
 
 class StarterOps:
@@ -30,13 +32,14 @@ class StarterOps:
     failed: str | None
     ranks: dict[str, int]
     world: Any
+    wake: Callable[[tuple[str, ...]], None]
 
     def order_spawn(self, starter: str, slot: int, worker: str) -> None:
         """Ask `starter` to start a worker for rank slot `slot` under id `worker`."""
         with self.cv:
             self.spawns.setdefault(starter, []).append((slot, worker))
             self.starters[worker] = starter
-            self.cv.notify_all()
+            self.wake((starter_topic(starter),))
 
     def last_contact(self, starter: str) -> float | None:
         """When `starter` last asked for orders or reported an exit (time.monotonic()), or
@@ -57,7 +60,7 @@ class StarterOps:
             out, self.exits = self.exits, []
             return out
 
-    def _op_watch(self, h: dict[str, Any], _: bytes) -> Reply:
+    def _op_watch(self, h: dict[str, Any], _: bytes) -> Answer:
         """A starter elsewhere (an agent, `phalanx join`) waits for fence orders for its
         workers and reports which of them are stopped (SIGSTOP: state T)."""
         starter, stopped = _str(h, "starter", 256), h.get("stopped", [])
@@ -72,25 +75,31 @@ class StarterOps:
             for w in stopped[:1024]:
                 if self.starters.get(w) == starter:
                     self.stopped_reports[w] = now
-            while not (self.orders.get(starter) or self.spawns.get(starter)) \
-                    and not self._stop.is_set() and not (
-                        mine and self.world is not None and self.world.generation != known):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            self.starter_seen[starter] = time.monotonic()  # it was connected all along
-            orders = self.orders.pop(starter, [])
-            spawns = self.spawns.pop(starter, [])
-            generation = self.world.generation if self.world is not None else 0
-            # Ranks change only with the generation: sent when the starter's view is older.
-            ranks = {w: self.ranks[w] for w in mine[:1024] if w in self.ranks} \
-                if generation != known else None
+
+        def retry() -> Reply | None:
+            with self.cv:
+                news = self.orders.get(starter) or self.spawns.get(starter) or (
+                    mine and self.world is not None and self.world.generation != known)
+                return self._watch_reply(starter, mine, known) if news else None
+
+        def expire() -> Reply:
+            with self.cv:
+                return self._watch_reply(starter, mine, known)
+
+        return retry() or Wait(retry, expire, deadline, (starter_topic(starter), WORLD))
+
+    def _watch_reply(self, starter: str, mine: list[str], known: int) -> Reply:
+        """Hand a starter its orders, and its workers' ranks if its generation is old (lock
+        held)."""
+        self.starter_seen[starter] = time.monotonic()  # it was connected all along
+        orders = self.orders.pop(starter, [])
+        spawns = self.spawns.pop(starter, [])
+        generation = self.world.generation if self.world is not None else 0
         reply = {"ok": True, "fence": [list(o) for o in orders],
                  "spawn": [list(s) for s in spawns], "failed": self.failed,
                  "generation": generation}
-        if ranks is not None:
-            reply["ranks"] = ranks
+        if generation != known:  # ranks change only with the generation
+            reply["ranks"] = {w: self.ranks[w] for w in mine[:1024] if w in self.ranks}
         return reply, b""
 
     def _op_exited(self, h: dict[str, Any], _: bytes) -> Reply:
@@ -109,5 +118,4 @@ class StarterOps:
             self.exits.append({"worker": worker, "slot": slot, "pid": pid, "code": code,
                                "fenced": bool(h.get("fenced")), "error": error,
                                "oom": oom, "seen": time.time()})
-            self.cv.notify_all()
         return {"ok": True}, b""

@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-Reply = tuple[dict[str, Any], bytes]
+from .waits import Answer, Reply, Wait, kv_topic
+
 MAX_WAIT = 3600.0
 """Longest wait (seconds) any request may ask for."""
 
@@ -55,30 +57,36 @@ class StoreOps:
     cv: threading.Condition
     kv: dict[str, bytes]
     _stop: threading.Event
+    wake: Callable[[tuple[str, ...]], None]
+
+    def _put(self, key: str, value: bytes) -> None:
+        """Store a value and wake only the requests waiting for this key (lock held)."""
+        self.kv[key] = value
+        self.wake((kv_topic(key),))
 
     def _op_set(self, h: dict[str, Any], payload: bytes) -> Reply:
         key = _str(h, "key")
         with self.cv:
-            self.kv[key] = payload
-            self.cv.notify_all()
+            self._put(key, payload)
         return {"ok": True}, b""
 
-    def _op_get(self, h: dict[str, Any], _: bytes) -> Reply:
+    def _op_get(self, h: dict[str, Any], _: bytes) -> Answer:
         key, deadline = _str(h, "key"), time.monotonic() + _seconds(h, "timeout", 30.0)
-        with self.cv:
-            while key not in self.kv:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    return {"ok": False, "error": f"timed out waiting for key {key!r}"}, b""
-                self.cv.wait(min(left, 1.0))
-            return {"ok": True}, self.kv[key]
+
+        def retry() -> Reply | None:
+            with self.cv:
+                value = self.kv.get(key)
+            return ({"ok": True}, value) if value is not None else None
+
+        return retry() or Wait(retry, lambda: ({"ok": False, "error": "timed out waiting for "
+                                                f"key {key!r}"}, b""),
+                               deadline, (kv_topic(key),))
 
     def _op_add(self, h: dict[str, Any], _: bytes) -> Reply:
         key, amount = _str(h, "key"), _int(h, "amount")
         with self.cv:
             value = int(self.kv.get(key, b"0")) + amount
-            self.kv[key] = str(value).encode()
-            self.cv.notify_all()
+            self._put(key, str(value).encode())
         return {"ok": True, "value": value}, b""
 
     def _op_check(self, h: dict[str, Any], _: bytes) -> Reply:
@@ -86,24 +94,27 @@ class StoreOps:
         with self.cv:
             return {"ok": True, "value": all(k in self.kv for k in keys)}, b""
 
-    def _op_wait(self, h: dict[str, Any], _: bytes) -> Reply:
+    def _op_wait(self, h: dict[str, Any], _: bytes) -> Answer:
         keys, deadline = _keys(h), time.monotonic() + _seconds(h, "timeout", 30.0)
-        with self.cv:
-            while not all(k in self.kv for k in keys):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    missing = [k for k in keys if k not in self.kv]
-                    return {"ok": False, "error": f"timed out waiting for keys {missing}"}, b""
-                self.cv.wait(min(left, 1.0))
-        return {"ok": True}, b""
+
+        def missing() -> list[str]:
+            with self.cv:
+                return [k for k in keys if k not in self.kv]
+
+        def retry() -> Reply | None:
+            return None if missing() else ({"ok": True}, b"")
+
+        def expire() -> Reply:
+            return {"ok": False, "error": f"timed out waiting for keys {missing()}"}, b""
+
+        return retry() or Wait(retry, expire, deadline, tuple(kv_topic(k) for k in keys))
 
     def _op_compare_set(self, h: dict[str, Any], payload: bytes) -> Reply:
         key, expected = _str(h, "key"), bytes.fromhex(_str(h, "expected", 1 << 20))
         with self.cv:
             cur = self.kv.get(key)
             if (cur is None and not expected) or cur == expected:
-                self.kv[key] = payload
-                self.cv.notify_all()
+                self._put(key, payload)
                 return {"ok": True}, payload
             return {"ok": True}, cur if cur is not None else expected
 

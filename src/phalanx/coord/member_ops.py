@@ -1,0 +1,185 @@
+"""The ops a worker's own process calls about its place in the job: heartbeat (held until
+there is news), status, and rendezvous with its assignment. Guarded by the membership's `cv`.
+
+A beat's reply is computed once per piece of news and shared; an assignment carries the
+worker's own numbers in its header and the generation's roster (hosts, worker ids, pids) as a
+payload encoded once per generation, so neither costs O(N) per worker.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import policy
+from .store_ops import _int, _seconds, _str
+from .waits import NEWS, WORLD, Answer, Reply, Wait
+
+BEAT_BUDGET = 4000.0
+"""Heartbeats per second the coordinator plans for: past BEAT_BUDGET * hold workers, each beat
+is held longer (up to a third of the heartbeat timeout), so the rate stays bounded."""
+
+
+class MemberOps:
+    """Heartbeats and rendezvous, answered under the membership's lock."""
+
+    cv: threading.Condition
+    _stop: threading.Event
+    members: dict[str, policy.MemberStatus]
+    pids: dict[str, int]
+    ranks: dict[str, int]
+    world: Any
+    broken: set[int]
+    failed: str | None
+    max_step: int
+    version: int
+    heartbeat_timeout: float
+    target_np: int
+    min_np: int
+    _wait_since: float | None
+    _status_cache: dict[int, dict[str, Any]]
+    _roster: tuple[int, bytes] | None
+
+    _news: Callable[[], None]
+    """Membership's: tell every heartbeat at once."""
+    _members_changed: Callable[[], None]
+    """Membership's: rendezvous and formation look again."""
+    _finished: Callable[[Any], bool]
+    """Membership's: every member of this generation left cleanly."""
+
+    def _op_heartbeat(self, h: dict[str, Any], _: bytes) -> Answer:
+        """A beat; with `hold`, the reply waits up to that long for news (a loss, a new
+        generation), so every worker hears of a loss within milliseconds. Past BEAT_BUDGET
+        beats per second the hold grows with the job, keeping the rate bounded."""
+        worker, generation = _str(h, "worker", 256), _int(h, "generation", 0)
+        step, hold = _int(h, "step", -1), min(_seconds(h, "hold", 0.0), 5.0)
+        with self.cv:
+            m = self.members.get(worker)
+            if m is None or not m.alive:
+                return {"ok": False, "fenced": True,
+                        "error": f"worker {worker} is not a live member"}, b""
+            m.last_heartbeat = time.monotonic()
+            m.step, m.generation = step, generation
+            m.collectives, m.blocked = _int(h, "coll", 0), _seconds(h, "blocked", 0.0)
+            self.max_step = max(self.max_step, step)
+            seen = self.version
+            if hold > 0:
+                hold = max(hold, min(len(self.members) / BEAT_BUDGET, self.heartbeat_timeout / 3))
+
+        def answer() -> Reply:
+            with self.cv:
+                if not m.alive:
+                    return {"ok": False, "fenced": True,
+                            "error": f"worker {worker} was declared lost"}, b""
+                return self._status_reply(generation), b""
+
+        def retry() -> Reply | None:
+            return answer() if self.version != seen or self._stop.is_set() else None
+
+        if hold <= 0:
+            return answer()
+        return Wait(retry, answer, time.monotonic() + hold, (NEWS,))
+
+    def _status_reply(self, generation: int) -> dict[str, Any]:
+        """What a heartbeat hears (lock held): computed once per news, not once per beat."""
+        cached = self._status_cache.get(generation)
+        if cached is not None:
+            return cached
+        world = self.world
+        current = world.generation if world else 0
+        lost: list[int] = []
+        if world and world.generation == generation:
+            lost = [r for r, w in enumerate(world.workers)
+                    if not self.members[w].alive and not self.members[w].left]
+        waiting_outside = sum(1 for m in self.members.values() if m.alive and m.waiting
+                              and (not world or m.worker not in world.workers))
+        reply = {"ok": True, "generation": current, "asked": generation, "lost_ranks": lost,
+                 "broken": generation in self.broken, "newcomers": waiting_outside,
+                 "failed": self.failed}
+        if len(self._status_cache) < 64:
+            self._status_cache[generation] = reply
+        return reply
+
+    def _op_status(self, h: dict[str, Any], _: bytes) -> Reply:
+        generation = _int(h, "generation", 0)
+        with self.cv:
+            return self._status_reply(generation), b""
+
+    def _op_rendezvous(self, h: dict[str, Any], _: bytes) -> Answer:
+        worker, after = _str(h, "worker", 256), _int(h, "after", 0)
+        step = _int(h, "step", -1)
+        deadline = time.monotonic() + _seconds(h, "timeout", 60.0)
+        with self.cv:
+            m = self.members.get(worker)
+            if m is None or not m.alive:
+                return {"ok": False, "error": f"worker {worker} is not a live member; join first"}, b""
+            m.waiting = True
+            m.step = step
+            self.max_step = max(self.max_step, step)
+            if self._wait_since is None:
+                self._wait_since = time.monotonic()
+            if self.world is not None and worker not in self.world.workers:
+                self._news()  # a newcomer: members leave for it at their next step boundary
+            self._members_changed()
+
+        def retry() -> Reply | None:
+            with self.cv:
+                return self._placed(m, after)
+
+        def expire() -> Reply:
+            with self.cv:
+                m.waiting = False
+                n = sum(1 for x in self.members.values() if x.alive and x.waiting)
+                need = self.target_np if self.world is None else self.min_np
+                return {"ok": False, "error": f"rendezvous timed out: {n} worker(s) waiting, "
+                        f"need {need}"}, b""
+
+        return Wait(retry, expire, deadline, (WORLD,))
+
+    def _placed(self, m: policy.MemberStatus, after: int) -> Reply | None:
+        """A waiting worker's answer once there is one (lock held): its place in a newer
+        generation, or why it has none."""
+        w, worker = self.world, m.worker
+        if w is not None and w.generation > after and worker in self.ranks:
+            return self._assignment(w, worker)
+        if not m.alive:
+            return {"ok": False, "error": f"worker {worker} was declared lost"}, b""
+        if self.failed is not None:
+            m.waiting = False
+            return {"ok": False, "failed": True,
+                    "error": f"the job is failing: {self.failed}"}, b""
+        if w is not None and worker not in self.ranks and self._finished(w):
+            m.waiting = False
+            return {"ok": False, "finished": True,
+                    "error": "the job finished before this worker could join"}, b""
+        return None
+
+    def _assignment(self, w: Any, worker: str) -> Reply:
+        """A worker's place: its own numbers in the header; the generation's roster (hosts,
+        worker ids, pids), the same for every rank, as a payload encoded once."""
+        rank = self.ranks[worker]
+        host = w.hosts[rank]
+        first, count = self._host_span(w, host)
+        return {"ok": True, "generation": w.generation, "rank": rank, "size": len(w.workers),
+                "local_rank": rank - first, "local_size": count,
+                "job_step": self.max_step}, self._roster_bytes(w)
+
+    def _host_span(self, w: Any, host: str) -> tuple[int, int]:
+        """First rank and number of ranks on `host` (contiguous: see `policy.order_world`)."""
+        if w.spans is None:
+            spans: dict[str, tuple[int, int]] = {}
+            for r, hst in enumerate(w.hosts):
+                first, n = spans.get(hst, (r, 0))
+                spans[hst] = (first, n + 1)
+            w.spans = spans
+        return w.spans[host]
+
+    def _roster_bytes(self, w: Any) -> bytes:
+        if self._roster is None or self._roster[0] != w.generation:
+            roster = {"hosts": w.hosts, "workers": w.workers,
+                      "pids": [self.pids.get(x, -1) for x in w.workers]}
+            self._roster = (w.generation, json.dumps(roster, separators=(",", ":")).encode())
+        return self._roster[1]

@@ -206,10 +206,13 @@ class CoordClient:
     def _beat(self, chan: Channel, interval: float) -> None:
         while not self._hb_stop.is_set():
             coll, blocked = self.progress() if self.progress is not None else (0, 0.0)
+            beat = {"op": "heartbeat", "worker": self.worker, "hold": interval,
+                    "generation": self.generation, "step": self.step,
+                    "coll": coll, "blocked": round(blocked, 3)}
+            if isinstance(self.status.get("version"), int):
+                beat["seen"] = self.status["version"]  # news since is answered at once
             try:
-                chan.send({"op": "heartbeat", "worker": self.worker, "hold": interval,
-                           "generation": self.generation, "step": self.step,
-                           "coll": coll, "blocked": round(blocked, 3)})
+                chan.send(beat)
                 reply, _ = chan.recv()
             except (ConnectionError, OSError, AuthenticationError) as e:
                 if not self._hb_stop.is_set():

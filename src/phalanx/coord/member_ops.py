@@ -16,7 +16,7 @@ from typing import Any
 
 from . import policy
 from .store_ops import _int, _seconds, _str
-from .waits import NEWS, WORLD, Answer, Reply, Wait
+from .waits import NEWS, WORLD, Answer, Reply, Wait, member_topic
 
 BEAT_BUDGET = 4000.0
 """Heartbeats per second the coordinator plans for: past BEAT_BUDGET * hold workers, each beat
@@ -45,15 +45,16 @@ class MemberOps:
 
     _news: Callable[[], None]
     """Membership's: tell every heartbeat at once."""
-    _members_changed: Callable[[], None]
+    _members_changed: Callable[..., None]
     """Membership's: rendezvous and formation look again."""
     _finished: Callable[[Any], bool]
     """Membership's: every member of this generation left cleanly."""
 
     def _op_heartbeat(self, h: dict[str, Any], _: bytes) -> Answer:
         """A beat; with `hold`, the reply waits up to that long for news (a loss, a new
-        generation), so every worker hears of a loss within milliseconds. Past BEAT_BUDGET
-        beats per second the hold grows with the job, keeping the rate bounded."""
+        generation), so every worker hears of a loss within milliseconds. A beat that says
+        which news it `seen` (the `version` of its last reply) and missed some is answered at
+        once. Past BEAT_BUDGET beats per second the hold grows with the job."""
         worker, generation = _str(h, "worker", 256), _int(h, "generation", 0)
         step, hold = _int(h, "step", -1), min(_seconds(h, "hold", 0.0), 5.0)
         with self.cv:
@@ -65,7 +66,7 @@ class MemberOps:
             m.step, m.generation = step, generation
             m.collectives, m.blocked = _int(h, "coll", 0), _seconds(h, "blocked", 0.0)
             self.max_step = max(self.max_step, step)
-            seen = self.version
+            seen = _int(h, "seen", self.version)
             if hold > 0:
                 hold = max(hold, min(len(self.members) / BEAT_BUDGET, self.heartbeat_timeout / 3))
 
@@ -79,7 +80,7 @@ class MemberOps:
         def retry() -> Reply | None:
             return answer() if self.version != seen or self._stop.is_set() else None
 
-        if hold <= 0:
+        if hold <= 0 or seen != self.version:
             return answer()
         return Wait(retry, answer, time.monotonic() + hold, (NEWS,))
 
@@ -98,6 +99,7 @@ class MemberOps:
                               and (not world or m.worker not in world.workers))
         reply = {"ok": True, "generation": current, "asked": generation, "lost_ranks": lost,
                  "broken": generation in self.broken, "newcomers": waiting_outside,
+                 "version": self.version,
                  "failed": self.failed}
         if len(self._status_cache) < 64:
             self._status_cache[generation] = reply
@@ -137,7 +139,7 @@ class MemberOps:
                 return {"ok": False, "error": f"rendezvous timed out: {n} worker(s) waiting, "
                         f"need {need}"}, b""
 
-        return Wait(retry, expire, deadline, (WORLD,))
+        return Wait(retry, expire, deadline, (WORLD, member_topic(worker)))
 
     def _placed(self, m: policy.MemberStatus, after: int) -> Reply | None:
         """A waiting worker's answer once there is one (lock held): its place in a newer

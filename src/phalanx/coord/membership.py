@@ -20,7 +20,7 @@ from .member_ops import MemberOps
 from .reports import ReportOps
 from .starters import StarterOps
 from .store_ops import BadRequest, StoreOps, _int, _str
-from .waits import NEWS, WORLD, Answer, Reply, starter_topic
+from .waits import NEWS, WORLD, Answer, Reply, member_topic, starter_topic
 
 log = logging.getLogger("phalanx.coord")
 
@@ -89,6 +89,7 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         self.wake: Callable[[tuple[str, ...]], None] = lambda topics: None
         """Set by the server: retry the parked requests waiting on these topics."""
         self._form_due = False
+        self._left_since_check = False
         self._status_cache: dict[int, dict[str, Any]] = {}
         self._roster: tuple[int, bytes] | None = None
 
@@ -99,7 +100,7 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
             if self.failed is None:
                 self.failed = reason
                 self._event("failed", reason=reason)
-            self._members_changed()
+            self.wake((WORLD,))  # every parked rendezvous answers with the reason
 
     def quiet(self) -> None:
         """The job is being stopped on purpose: losses are expected, so log none."""
@@ -125,7 +126,7 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
             if starter is not None:
                 self.orders.setdefault(starter, []).append((worker, pid))
                 self.wake((starter_topic(starter),))
-            self._members_changed()
+            self._members_changed(worker)
         if not self._quiet:
             log.warning("worker %s lost: %s", worker, reason)
         if self.fence is not None:
@@ -145,7 +146,7 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
                 self.broken.add(self.world.generation)
             if gone:
                 self._event("lost", workers=gone, reason=reason)
-            self._members_changed()
+            self._members_changed(*gone)
         if gone and not self._quiet:
             log.warning("%s: worker(s) %s lost", reason, ", ".join(gone))
 
@@ -221,11 +222,13 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         self._status_cache.clear()
         self.wake((NEWS,))
 
-    def _members_changed(self) -> None:
-        """Who is alive or waiting changed: try forming on the server's next pass, and let
-        parked rendezvous look again (lock held)."""
+    def _members_changed(self, *gone: str) -> None:
+        """Who is alive or waiting changed: try forming on the server's next pass; the
+        rendezvous of members that are `gone` answer now (lock held). Waking every parked
+        rendezvous per arrival would cost O(N^2) while a large job gathers."""
         self._form_due = True
-        self.wake((WORLD,))
+        if gone:
+            self.wake(tuple(member_topic(w) for w in gone))
 
     def form_if_due(self) -> None:
         """Called by the server after each batch of requests: one formation attempt for all
@@ -234,6 +237,10 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
             if self._form_due:
                 self._form_due = False
                 self._maybe_form()
+            if self._left_since_check:
+                self._left_since_check = False
+                if self.world is not None and self._finished(self.world):
+                    self.wake((WORLD,))  # newcomers hear that the job is over
 
     # ----------------------------------------------------------------- requests
     def handle(self, op: str, h: dict[str, Any], payload: bytes) -> Answer:
@@ -281,7 +288,8 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
                 m.left = True
                 m.waiting = False
                 self._event("left", worker=worker)
-                self._members_changed()
+                self._left_since_check = True
+                self._members_changed(worker)
         return {"ok": True}, b""
 
     def _finished(self, w: World) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 from .policy import MemberStatus
 from .store_ops import BadRequest, Reply, _int, _str
+from .waits import WORLD
 
 log = logging.getLogger("phalanx.coord")
 
@@ -28,9 +29,10 @@ class ReportOps:
     failed: str | None
     max_step: int
     _quiet: bool
+    wake: Callable[[tuple[str, ...]], None]
     _event: Callable[..., None]
     """Membership's: record an event for the launcher."""
-    _members_changed: Callable[[], None]
+    _members_changed: Callable[..., None]
     """Membership's: a member left the books; rendezvous and formation look again."""
 
     def _op_event(self, h: dict[str, Any], _: bytes) -> Reply:
@@ -66,7 +68,8 @@ class ReportOps:
             self._event("error", worker=worker, error=self.errors[worker])
             if self.fail_on_error and not error.get("cascade") and self.failed is None:
                 self.failed = f"worker {worker} raised {error.get('type')}"
-            self._members_changed()
+                self.wake((WORLD,))
+            self._members_changed(worker)
         if not self._quiet and not error.get("cascade"):
             log.warning("worker %s raised %s at %s", worker, error.get("type"), error.get("where"))
         return {"ok": True}, b""

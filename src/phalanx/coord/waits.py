@@ -24,6 +24,11 @@ def kv_topic(key: str) -> str:
     return f"kv:{key}"
 
 
+def member_topic(worker: str) -> str:
+    """One member's own parked rendezvous (it was lost, failed or left)."""
+    return f"member:{worker}"
+
+
 def starter_topic(starter: str) -> str:
     return f"starter:{starter}"
 

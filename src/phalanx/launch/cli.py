@@ -10,7 +10,7 @@ from typing import Any
 
 from .program import resolve as resolve_program
 
-BENCHES = ("allreduce", "train", "recovery", "iterative", "soak", "goodput")
+BENCHES = ("allreduce", "train", "recovery", "iterative", "soak", "goodput", "control-plane")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -304,6 +304,8 @@ def bench_main(argv: list[str]) -> int:
               "  iterative  cached shards vs re-reading vs scikit-learn (vs Spark)\n"
               "  soak       100 mixed chaos faults on one job: nothing lost, no leaks\n"
               "  goodput    simulated ETTR at up to 100,000 GPUs vs the peers, calibrated on a soak\n"
+              "  control-plane  the coordinator under N simulated workers: formation, loss\n"
+              "             fan-out, re-formation, false losses, threads, memory\n"
               "Run `phalanx bench NAME --help` for a benchmark's options.")
         return 0
     name, rest = argv[0], argv[1:]
@@ -312,7 +314,7 @@ def bench_main(argv: list[str]) -> int:
                          f"{', '.join(BENCHES)}\n")
         return 2
     try:
-        mod = importlib.import_module(f"phalanx.bench.{name}")
+        mod = importlib.import_module(f"phalanx.bench.{name.replace('-', '_')}")
     except ModuleNotFoundError:
         sys.stderr.write(f"phalanx bench: error: benchmark {name!r} is not available in this "
                          "version\n")

@@ -40,6 +40,8 @@ class Runtime:
         self.worker = env.get_str(env.WORKER_ID) or f"{self.host}-{os.getpid()}"
         self.client: CoordClient | None = None
         self.group: Group
+        self.kept: list[int] = []
+        """Ranks of the previous generation still in the current one (from the rendezvous)."""
         self.job_step = -1
         """Newest step any worker of the job reported (from the last rendezvous; -1 unknown)."""
         self.subgroup_members: list[tuple[int, ...]] = []
@@ -73,7 +75,6 @@ class Runtime:
             self.group = self._static(found)
         else:
             self.object_key = os.urandom(32)
-            self.workers = [self.worker]
             place = Placement(generation=1, rank=0, size=1, local_rank=0, local_size=1,
                               hosts=[self.host], pids=[os.getpid()])
             self.group = Group(place, dist.HashStore(), config, job_id=self.job_id,
@@ -84,7 +85,6 @@ class Runtime:
         store = static.store(e, self.config.timeout)
         hosts, pids, self.object_key = static.exchange(store, e, self.host)
         self.job_id = "".join(c for c in e.run_id if c.isalnum())[:24]
-        self.workers = [f"rank{r}" for r in range(e.size)]
         mine = [r for r, h in enumerate(hosts) if h == self.host]
         place = Placement(generation=1, rank=e.rank, size=e.size, local_rank=mine.index(e.rank),
                           local_size=len(mine), hosts=hosts, pids=pids)
@@ -101,7 +101,7 @@ class Runtime:
         place = Placement(generation=a["generation"], rank=a["rank"], size=a["size"],
                           local_rank=a["local_rank"], local_size=a["local_size"],
                           hosts=a["hosts"], pids=a["pids"])
-        self.workers = list(a.get("workers", []))
+        self.kept = list(a.get("kept", []))
         store = CoordStore(self.client, f"g{place.generation}/gloo", timeout=self.config.timeout,
                            abort_check=self.client.abort_reason)
         self.recorder.place(place.rank, place.generation)

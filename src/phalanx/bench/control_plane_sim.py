@@ -81,7 +81,9 @@ class Generator:
                         for h in range(*cfg["hosts"]) for wid in worker_ids(h, cfg["per_host"])
                         ][:cfg["limit"]]
         self.by_id = {w.wid: w for w in self.workers}
-        self.rosters: dict[int, list[str]] = {}
+        self.rosters: dict[int, dict[int, str]] = {}
+        """Generation -> rank -> worker id, from this process's assignments (the roster on
+        the wire names hosts, not workers)."""
         self.expected: set[str] = set()
         self.false_ids: set[str] = set()
         self.errors: Counter[str] = Counter()
@@ -144,9 +146,7 @@ class Generator:
                 self.false_ids.add(w.wid)
             raise ConnectionError(f"rendezvous refused: {r.get('error')}")
         gen = int(r["generation"])
-        if gen not in self.rosters:  # the roster: in the header, or (newer) a shared payload
-            roster = r if "workers" in r else json.loads(payload or b"{}")
-            self.rosters[gen] = [str(x) for x in roster.get("workers", [])]
+        self.rosters.setdefault(gen, {})[int(r["rank"])] = w.wid
         w.assigned[gen] = (time.monotonic(), int(r["rank"]), int(r["size"]))
         w.gen, w.in_rendezvous = gen, False
         w.news.clear()
@@ -194,10 +194,10 @@ class Generator:
             w.news.set()
             return False
         asked, lost = r.get("asked"), r.get("lost_ranks") or []
-        roster = self.rosters.get(asked, [])  # type: ignore[arg-type]
+        roster = self.rosters.get(asked, {})  # type: ignore[arg-type]
         for rank in lost:
-            wid = roster[rank] if 0 <= rank < len(roster) else f"rank {rank} of gen {asked}"
-            if wid not in self.expected:
+            wid = roster.get(rank)  # None: a worker of another generator process
+            if wid is not None and wid not in self.expected:
                 self.false_ids.add(wid)
         if w.gen and asked == w.gen and not w.in_rendezvous and w.gen not in w.loss_t and (
                 lost or r.get("broken") or r.get("generation", w.gen) != w.gen):

@@ -63,6 +63,19 @@ def _open(addr: str, secret: str, connect_timeout: float) -> Channel:
         return Channel(sock, connection_key(secret, nonce), is_server=False)
 
 
+def expand_roster(reply: dict[str, Any], roster: dict[str, Any]) -> dict[str, Any]:
+    """The compact roster of an assignment as per-rank lists: `hosts` (one per rank), `pids`
+    (this host's ranks; -1 elsewhere) and `kept` (ranks of the previous generation still in
+    this one)."""
+    hosts = [str(h) for h, n in roster.get("host_runs", []) for _ in range(int(n))]
+    first = int(reply["rank"]) - int(reply["local_rank"])
+    pids = [-1] * len(hosts)
+    for i, pid in enumerate(reply.get("local_pids", [])):
+        pids[first + i] = int(pid)
+    kept = [r for a, b in roster.get("kept", []) for r in range(int(a), int(b) + 1)]
+    return {"hosts": hosts, "pids": pids, "kept": kept}
+
+
 class CoordClient:
     """One worker's link to the coordinator. Thread-safe; store calls block the calling thread."""
 
@@ -175,8 +188,8 @@ class CoordClient:
             if reply.get("finished"):
                 raise JobFinished(str(reply.get("error")))
             raise RendezvousError(f"rendezvous at {self.addr} failed: {reply.get('error')}")
-        if roster:  # hosts, workers and pids of the generation: one blob shared by all ranks
-            reply.update(json.loads(roster))
+        if roster:  # the generation's roster: one blob shared by all ranks, O(hosts)
+            reply.update(expand_roster(reply, json.loads(roster)))
         self.generation = int(reply["generation"])
         return reply
 

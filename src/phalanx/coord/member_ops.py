@@ -160,14 +160,17 @@ class MemberOps:
         return None
 
     def _assignment(self, w: Any, worker: str) -> Reply:
-        """A worker's place: its own numbers in the header; the generation's roster (hosts,
-        worker ids, pids), the same for every rank, as a payload encoded once."""
+        """A worker's place: its own numbers and its host's pids in the header; the
+        generation's roster, the same for every rank, as a payload encoded once. The roster
+        is O(hosts), not O(workers): hosts as runs of ranks (ranks of a host are contiguous)
+        and the previous generation's ranks kept, as ranges."""
         rank = self.ranks[worker]
         host = w.hosts[rank]
         first, count = self._host_span(w, host)
         return {"ok": True, "generation": w.generation, "rank": rank, "size": len(w.workers),
-                "local_rank": rank - first, "local_size": count,
-                "job_step": self.max_step}, self._roster_bytes(w)
+                "local_rank": rank - first, "local_size": count, "job_step": self.max_step,
+                "local_pids": [self.pids.get(x, -1) for x in w.workers[first:first + count]]
+                }, self._roster_bytes(w)
 
     def _host_span(self, w: Any, host: str) -> tuple[int, int]:
         """First rank and number of ranks on `host` (contiguous: see `policy.order_world`)."""
@@ -181,7 +184,23 @@ class MemberOps:
 
     def _roster_bytes(self, w: Any) -> bytes:
         if self._roster is None or self._roster[0] != w.generation:
-            roster = {"hosts": w.hosts, "workers": w.workers,
-                      "pids": [self.pids.get(x, -1) for x in w.workers]}
+            runs: list[list[Any]] = []
+            for h in w.hosts:
+                if runs and runs[-1][0] == h:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([h, 1])
+            roster = {"host_runs": runs, "kept": _ranges(w.kept)}
             self._roster = (w.generation, json.dumps(roster, separators=(",", ":")).encode())
         return self._roster[1]
+
+
+def _ranges(ranks: list[int]) -> list[list[int]]:
+    """Ascending ranks as [first, last] ranges: survivors of a loss are a few runs."""
+    out: list[list[int]] = []
+    for r in ranks:
+        if out and out[-1][1] == r - 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return out

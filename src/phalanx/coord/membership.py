@@ -36,6 +36,8 @@ class World:
     hosts: list[str]
     steps: list[int]
     formed_at: float = field(default_factory=time.monotonic)
+    kept: list[int] = field(default_factory=list)
+    """Ranks of the previous generation whose workers are in this one (ascending)."""
     spans: dict[str, tuple[int, int]] | None = None
     """Host -> (first rank, ranks there), filled on first use."""
 
@@ -317,9 +319,11 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         late = [w for w in prev if self.members[w].alive and w not in decision.members]
         order = policy.order_world(chosen, prev)
         gen = (self.world.generation if self.world else 0) + 1
+        chosen_set = set(order)
         self.world = World(generation=gen, workers=order,
                            hosts=[self.members[w].host for w in order],
-                           steps=[self.members[w].step for w in order])
+                           steps=[self.members[w].step for w in order],
+                           kept=[r for r, w in enumerate(prev) if w in chosen_set])
         for w in order:
             self.members[w].waiting = False
         self.formed.update(order)

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from .. import env, runtime
 from ..comm.group import Placement
 from ..errors import JobFinished, RendezvousError, WorkerLost
-from . import policy
 from .state import MembershipChanged, State, record_recovery
 
 log = logging.getLogger("phalanx.elastic")
@@ -39,11 +38,13 @@ def reform(cause: BaseException, heal: Callable[[Placement], str], *, max_attemp
     rec = rt.recorder
     t0, p0 = time.monotonic(), rec.now()
     rec.instant("elastic", "fault detected", {"cause": f"{type(cause).__name__}: {cause}"[:300]})
-    origin, origin_workers = rt.group.place, list(rt.workers)
+    origin = rt.group.place
+    alive = list(range(origin.size))  # origin ranks still present, generation by generation
     for attempt in range(1, max_attempts + 1):
         try:
             p1 = rec.now()
             rt.reform()
+            alive = [alive[k] for k in rt.kept if k < len(alive)]
             p2 = rec.now()
             rec.span("elastic", "re-form", p1, p2, lane="elastic", args={"attempt": attempt})
             if on_reformed is not None:
@@ -62,7 +63,7 @@ def reform(cause: BaseException, heal: Callable[[Placement], str], *, max_attemp
         return {"cause": type(cause).__name__, "seconds": time.monotonic() - t0,
                 "attempts": attempt, "old_size": origin.size, "new_size": new.size,
                 "generation": new.generation, "heal": reason,
-                "survivors": policy.survivors(origin_workers, rt.workers)}
+                "survivors": alive}
     raise RendezvousError(f"could not recover after {max_attempts} attempts: {cause}")
 
 

@@ -42,12 +42,6 @@ def choose_source(steps: list[int]) -> HealPlan:
     return HealPlan(source=source, behind=behind, step=best, reason=why)
 
 
-def survivors(old_workers: list[str], new_workers: list[str]) -> list[int]:
-    """Old rank numbers of the workers that are still in the new generation."""
-    present = set(new_workers)
-    return [r for r, w in enumerate(old_workers) if w in present]
-
-
 def progress_lost(best_step: int, job_step: int) -> bool:
     """Pure: has every holder of the job's newest steps been lost?
 

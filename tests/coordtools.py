@@ -59,7 +59,7 @@ def authed(srv: CoordServer, worker: str = "x") -> Channel:
 
 def send_raw(chan: Channel, head: bytes, payload: bytes = b"") -> None:
     """A frame with a valid tag around arbitrary header bytes (not necessarily JSON)."""
-    codec = chan._codec
+    codec = chan.codec
     tag = codec._tag(codec._send_dir, codec._send_seq, head, payload)
     codec._send_seq += 1
     chan.sock.sendall(struct.pack("!II", len(head), len(payload)) + head + payload + tag)

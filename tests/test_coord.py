@@ -7,12 +7,13 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from phalanx.coord import CoordClient, CoordServer, new_secret
 from phalanx.coord.protocol import NONCE_BYTES, Channel, connection_key, recv_exact
-from phalanx.errors import RendezvousError
+from phalanx.errors import JobFinished, RendezvousError
 
 
 @pytest.fixture
@@ -126,8 +127,7 @@ def test_closed_heartbeat_connection_means_lost(server) -> None:
     a = client(server, "w0")
     a.join(host="h", rank_hint=0, pid=1)
     a.start_heartbeat(0.1)
-    assert a._hb_chan is not None
-    a._hb_chan.sock.shutdown(socket.SHUT_RDWR)  # what the kernel does when the process dies
+    a._mux.shutdown()  # what the kernel does when the process dies
     deadline = time.monotonic() + 2
     while not any(e["event"] == "lost" for e in server.events) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -172,3 +172,23 @@ def test_heartbeat_cannot_be_impersonated(server) -> None:
     finally:
         intruder.close(leave=False)
         w0.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_newcomer_after_the_job_finished_hears_so_at_once(server) -> None:
+    """Every member left before the newcomer's rendezvous: it is told the job is over at
+    once (a replacement that started too late), not after its rendezvous timeout."""
+    a, b = client(server, "w0"), client(server, "w1")
+    for i, c in enumerate((a, b)):
+        c.join(host="h", rank_hint=i, pid=1)
+    with ThreadPoolExecutor(2) as ex:
+        assert [f.result()["size"] for f in [ex.submit(c.rendezvous, after=0, timeout=5)
+                                             for c in (a, b)]] == [2, 2]
+    a.close(), b.close()  # both leave cleanly: the job is over
+    late = client(server, "w0.1")
+    late.join(host="h", rank_hint=0, pid=1)
+    t0 = time.monotonic()
+    with pytest.raises(JobFinished):
+        late.rendezvous(after=0, timeout=10)
+    assert time.monotonic() - t0 < 2
+    late.close(leave=False)

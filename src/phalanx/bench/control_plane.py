@@ -5,7 +5,7 @@ workers (`control_plane_sim.py`, thousands per process, 8 a simulated host each 
 address of its own) speak the real protocol to it: join, heartbeat with `hold`, rendezvous.
 Phases, each bounded by --deadline: the first generation forms; a steady window of heartbeats
 (false losses counted; the coordinator's threads, memory and CPU read from /proc); one worker
-crashes (both its connections close, as on SIGKILL) and the survivors hear of it (fan-out) and
+crashes (its connection closes, as on SIGKILL) and the survivors hear of it (fan-out) and
 re-form among N-1; with --host-loss, every worker of one host then goes at once.
 
     phalanx bench control-plane --workers 64,256,1024 --json cp.json --plot cp.png
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import plots
+from . import control_plane_inproc, plots
 from .control_plane_coord import Child, ChildGone
 from .control_plane_sim import worker_ids
 
@@ -335,8 +335,9 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="phalanx bench control-plane", description=__doc__.split("\n\n")[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workers", type=_sizes, default=[64, 256], metavar="N[,N...]",
-                   help="job sizes to measure, one row each (default 64,256)")
+    p.add_argument("--workers", type=_sizes, default=None, metavar="N[,N...]",
+                   help="job sizes to measure, one row each (default 64,256, or none with "
+                        "--in-process)")
     p.add_argument("--per-host", type=int, default=8, metavar="K",
                    help="simulated workers per simulated host (default 8)")
     p.add_argument("--procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
@@ -352,6 +353,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--one-address", action="store_true",
                    help="every simulated host connects from 127.0.0.1 (default: one loopback "
                         "address per host, as the per-address caps see real hosts)")
+    p.add_argument("--in-process", type=_sizes, default=[], metavar="N[,N...]",
+                   help="also run the coordinator's state machine alone for these sizes (no "
+                        "sockets): CPU time per step and every message's size vs the limits")
     p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the times vs N")
     return p
@@ -375,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
+    if args.workers is None:
+        args.workers = [] if args.in_process else [64, 256]
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every run's cleanup
@@ -382,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, on_term) if in_main else None
     rows: list[dict[str, Any]] = []
+    inproc: list[dict[str, Any]] = []
     try:
         for n in args.workers:
             rows.append(run_size(n, args))
+        for n in args.in_process:
+            _say(f"{n} workers in-process (the coordinator's state machine alone)")
+            inproc.append(control_plane_inproc.costs(n, args.per_host))
     except KeyboardInterrupt:
         sys.stderr.write("phalanx bench control-plane: interrupted; every process stopped\n")
         return 130
@@ -392,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
     print("\n".join(table(rows)))
+    if inproc:
+        print("\nIn-process (no sockets):\n" + "\n".join(control_plane_inproc.table(inproc)))
     if args.json:
-        Path(args.json).write_text(json.dumps({"bench": "control-plane", "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"bench": "control-plane", "rows": rows,
+                                               "in_process": inproc}, indent=1))
     if args.plot:
         print(f"plot: {plot(rows, args.plot)}")
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import selectors
 import signal
 import subprocess
@@ -33,18 +32,6 @@ CLOSE_GRACE = 5.0
 
 class ChildGone(RuntimeError):
     """A child process exited, or did not answer within its deadline."""
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard one (two sockets per simulated worker);
-    returns the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        return want
-    except (ValueError, OSError):
-        return soft
 
 
 def proc_stats(pid: int) -> dict[str, float]:
@@ -148,6 +135,7 @@ def main() -> int:
     """Entry point of the coordinator process (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s coordinator: %(message)s")
+    from ..coord.server import raise_fd_limit
     fd_limit = raise_fd_limit()
     line = sys.stdin.readline()
     if not line:

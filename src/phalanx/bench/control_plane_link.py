@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import struct
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +31,8 @@ from ..errors import AuthenticationError
 
 _PREFIX = struct.Struct("!II")
 _SEQ = struct.Struct("!cQ")
+BEAT_ID = 0
+"""The `id` of every heartbeat (requests count up from 1)."""
 RETRY = 0.1
 """Seconds between connection attempts, as the real client waits."""
 
@@ -38,13 +40,16 @@ RETRY = 0.1
 class Link(asyncio.Protocol):
     """One authenticated client connection; frames identical to `protocol.Channel`'s.
 
-    Replies go to the oldest waiting `ask`, or, once `on_frame` is set (a heartbeat
-    connection), to that callback, which answers from the event loop without a task switch."""
+    As the real client (`coord/mux.py`), one connection carries a worker's requests and its
+    heartbeats: requests are numbered and replies matched by `id`; heartbeats use id 0 and go
+    to `on_frame`, which answers from the event loop without a task switch (one id for all
+    beats keeps identical status replies byte-identical, so they are parsed once)."""
 
     def __init__(self, secret: str, parse: Callable[[bytes], dict[str, Any]]) -> None:
         self.secret, self.parse = secret, parse
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.replies: deque[asyncio.Future[tuple[dict[str, Any], bytes]]] = deque()
+        self.replies: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self._ids = itertools.count(1)
         self.on_frame: Callable[[dict[str, Any], bytes], None] | None = None
         self.on_close: Callable[[Exception], None] | None = None
         self.transport: asyncio.Transport | None = None
@@ -57,7 +62,7 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         err = exc or ConnectionError("connection closed by the coordinator")
-        for fut in [self.ready, *self.replies]:
+        for fut in [self.ready, *self.replies.values()]:
             if not fut.done():
                 fut.set_exception(err)
                 fut.exception()  # whoever still awaits it gets it; nobody may (a shutdown)
@@ -76,12 +81,11 @@ class Link(asyncio.Protocol):
                 self._mac = hmac.new(key, digestmod=hashlib.sha256)
                 self.ready.set_result(None)
             while (frame := self._next()) is not None:
-                if self.on_frame is not None:
+                rid = frame[0].get("id")
+                if rid == BEAT_ID and self.on_frame is not None:
                     self.on_frame(*frame)
-                elif self.replies:
-                    fut = self.replies.popleft()
-                    if not fut.done():
-                        fut.set_result(frame)
+                elif (fut := self.replies.pop(rid, None)) is not None and not fut.done():
+                    fut.set_result(frame)
         except (AuthenticationError, ConnectionError, ValueError) as e:
             self.abort()
             self.connection_lost(e)
@@ -125,9 +129,13 @@ class Link(asyncio.Protocol):
         """Send a request; its reply (header, payload) within `timeout` seconds."""
         fut: asyncio.Future[tuple[dict[str, Any], bytes]] = \
             asyncio.get_running_loop().create_future()
-        self.replies.append(fut)
-        self.send_head(json.dumps(header, separators=(",", ":")).encode())
-        return await asyncio.wait_for(fut, max(timeout, 0.001))
+        rid = next(self._ids)
+        self.replies[rid] = fut
+        self.send_head(json.dumps({**header, "id": rid}, separators=(",", ":")).encode())
+        try:
+            return await asyncio.wait_for(fut, max(timeout, 0.001))
+        finally:
+            self.replies.pop(rid, None)
 
     def abort(self) -> None:
         """Close at once, as the kernel does for a SIGKILLed process."""

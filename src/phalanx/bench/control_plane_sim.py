@@ -1,8 +1,9 @@
 """Simulated workers of `phalanx bench control-plane`: many per process, on the real protocol.
 
-Each simulated worker does what `coord/client.py` and the runtime do, frame for frame: a request
-connection (nonce, per-connection key, hello, join), a heartbeat connection (hello with the
-join's token) that beats in a loop with `hold`, and a rendezvous for generation 1. When a beat's
+Each simulated worker does what `coord/client.py` and the runtime do, frame for frame: one
+connection (nonce, per-connection key, hello, join, a second hello with the join's token that
+makes it the heartbeat connection), numbered requests, beats in a loop with `hold`, and a
+rendezvous for generation 1. When a beat's
 reply tells it of a loss (lost ranks, a broken generation, a newer generation) it rendezvouses
 again after its generation, as a worker whose collective failed does. The frames are byte-for-
 byte those of `protocol.Channel`, over asyncio (`control_plane_link.py`), so one process
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AuthenticationError
-from .control_plane_link import Link, open_link
+from .control_plane_link import BEAT_ID, Link, open_link
 
 SLOW_BEAT = 3.0
 """A beat reply later than `hold` plus this: the real client would think itself cut off."""
@@ -111,8 +112,11 @@ class Generator:
                 if not r.get("ok"):
                     raise ConnectionError(f"join refused: {r.get('error')}")
                 w.joined_t = time.monotonic()
-                hb = await self._connect(w, deadline, {"op": "hello", "worker": w.wid,
-                                                       "heartbeat": True, "token": r["token"]})
+                r, _ = await req.ask({"op": "hello", "worker": w.wid, "heartbeat": True,
+                                      "token": r["token"]}, self.timeout)
+                if not r.get("ok"):
+                    raise ConnectionError(f"heartbeat hello refused: {r.get('error')}")
+            hb = req  # one connection for requests and beats, as the real client
             hb.parse = self.parse_beat
             hb.on_frame = lambda reply, _: self.on_beat(w, hb, reply)
             hb.on_close = lambda e: self.fail(w, f"heartbeat {type(e).__name__}: {e}")
@@ -149,6 +153,8 @@ class Generator:
         self.rosters.setdefault(gen, {})[int(r["rank"])] = w.wid
         w.assigned[gen] = (time.monotonic(), int(r["rank"]), int(r["size"]))
         w.gen, w.in_rendezvous = gen, False
+        if isinstance(r.get("version"), int):
+            w.seen = r["version"]
         w.news.clear()
 
     def beat(self, w: SimWorker, hb: Link) -> None:
@@ -156,7 +162,8 @@ class Generator:
         once per generation."""
         if w.beat_gen != (w.gen, w.seen):  # as the real client: the news it has seen
             beat: dict[str, Any] = {"op": "heartbeat", "worker": w.wid, "hold": self.hold,
-                                    "generation": w.gen, "step": -1, "coll": 0, "blocked": 0.0}
+                                    "generation": w.gen, "step": -1, "coll": 0, "blocked": 0.0,
+                                    "id": BEAT_ID}
             if w.seen is not None:
                 beat["seen"] = w.seen
             w.beat_gen = (w.gen, w.seen)
@@ -168,8 +175,8 @@ class Generator:
         took = time.monotonic() - w.beat_sent
         self.beat_max = max(self.beat_max, took)
         self.slow_beats += took > self.hold + SLOW_BEAT
-        if isinstance(reply.get("version"), int):
-            w.seen = reply["version"]
+        if isinstance(reply.get("version"), int) and reply.get("asked") == w.gen:
+            w.seen = reply["version"]  # as the client: only news about its generation
         if self.on_status(w, reply) and not w.killed:
             self.beat(w, hb)
 
@@ -301,7 +308,7 @@ async def run() -> None:
 
 def main() -> int:
     """Entry point of one load-generator process (see the module docstring)."""
-    from .control_plane_coord import raise_fd_limit
+    from ..coord.server import raise_fd_limit
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
     raise_fd_limit()
     asyncio.run(run())

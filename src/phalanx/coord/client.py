@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import AuthenticationError, JobFinished, RendezvousError
-from .protocol import NONCE_BYTES, Channel, connection_key, recv_exact
+from .mux import Mux
+from .protocol import MAX_HOLD, NONCE_BYTES, Channel, connection_key, recv_exact
 
 log = logging.getLogger("phalanx.coord")
 
@@ -77,7 +78,8 @@ def expand_roster(reply: dict[str, Any], roster: dict[str, Any]) -> dict[str, An
 
 
 class CoordClient:
-    """One worker's link to the coordinator. Thread-safe; store calls block the calling thread."""
+    """One worker's link to the coordinator: one connection (`Mux`) for its requests and its
+    heartbeats. Thread-safe; store calls block the calling thread."""
 
     def __init__(self, addr: str, secret: str, worker: str, *, connect_timeout: float = 10.0,
                  reply_timeout: float = 30.0) -> None:
@@ -86,13 +88,14 @@ class CoordClient:
         self.worker = worker
         self._secret = secret
         self._connect_timeout = connect_timeout
-        self._lock = threading.Lock()
-        self._chan = _open(addr, secret, connect_timeout)
-        self._hello(self._chan, heartbeat=False)
+        chan = _open(addr, secret, connect_timeout)
+        self._hello(chan)
+        self._mux = Mux(chan, addr)
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
-        self._hb_chan: Channel | None = None
         self.status: dict[str, Any] = {}
+        self._seen: int | None = None
+        """The coordinator's news version this worker has heard for its generation."""
         self._token = ""
         self.generation = 0
         self.step = -1
@@ -100,10 +103,8 @@ class CoordClient:
         """(collectives started in this generation, seconds blocked in the current one),
         sent with each heartbeat so the coordinator can find a hung worker."""
 
-    def _hello(self, chan: Channel, *, heartbeat: bool) -> None:
-        hello: dict[str, Any] = {"op": "hello", "worker": self.worker, "heartbeat": heartbeat}
-        if heartbeat:
-            hello["token"] = self._token
+    def _hello(self, chan: Channel) -> None:
+        hello: dict[str, Any] = {"op": "hello", "worker": self.worker, "heartbeat": False}
         try:
             chan.send(hello)
             reply, _ = chan.recv(deadline=time.monotonic() + max(1.0, self._connect_timeout))
@@ -127,16 +128,7 @@ class CoordClient:
         blocking ops) plus `reply_timeout`, so a cut-off coordinator cannot hang the caller."""
         wait = header.get("timeout")
         limit = (float(wait) if isinstance(wait, (int, float)) else 0.0) + self.reply_timeout
-        with self._lock:
-            try:
-                self._chan.send(header, payload)
-                reply, data = self._chan.recv(deadline=time.monotonic() + limit)
-            except (ConnectionError, OSError) as e:
-                if isinstance(e, TimeoutError):  # a late reply would desynchronise the channel
-                    self._chan.sock.close()
-                raise RendezvousError(f"lost the coordinator at {self.addr} during "
-                                      f"{header.get('op')!r}: {e}") from None
-        return reply, data
+        return self._mux.call(header, payload, limit=limit)
 
     def _checked(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         reply, data = self.request(header, payload)
@@ -191,6 +183,8 @@ class CoordClient:
         if roster:  # the generation's roster: one blob shared by all ranks, O(hosts)
             reply.update(expand_roster(reply, json.loads(roster)))
         self.generation = int(reply["generation"])
+        if isinstance(reply.get("version"), int):
+            self._seen = reply["version"]  # news after this are news for the new generation
         return reply
 
     def leave(self) -> None:
@@ -201,39 +195,42 @@ class CoordClient:
 
     # -------------------------------------------------------------- heartbeats
     def start_heartbeat(self, interval: float, timeout: float = 3.0) -> None:
-        """Beat on a dedicated connection so a blocking store call never delays a beat.
+        """Beat from a thread of its own, on the shared connection, which from now on speaks
+        as this worker's heartbeat connection: its closing means the process died.
 
-        Each beat's reply is held by the coordinator for up to `interval` and sent at once
-        when there is news (a loss, a new generation), so a loss reaches every worker within
-        milliseconds. No reply within `timeout` means this worker is cut off."""
+        Each beat's reply is held by the coordinator for up to `interval` (longer in a large
+        job) and sent at once when there is news (a loss, a new generation), so a loss reaches
+        every worker within milliseconds. No reply within `timeout` plus the hold means this
+        worker is cut off."""
         if self._hb_thread is not None:
             return
-        chan = _open(self.addr, self._secret, self._connect_timeout)
-        self._hello(chan, heartbeat=True)
-        chan.sock.settimeout(timeout + interval)
-        self._hb_chan = chan
-        self._hb_thread = threading.Thread(target=self._beat, args=(chan, interval),
+        self._checked({"op": "hello", "worker": self.worker, "heartbeat": True,
+                       "token": self._token})
+        self._hb_thread = threading.Thread(target=self._beat, args=(interval, timeout),
                                            daemon=True, name="phalanx-heartbeat")
         self._hb_thread.start()
 
-    def _beat(self, chan: Channel, interval: float) -> None:
+    def _beat(self, interval: float, timeout: float) -> None:
         while not self._hb_stop.is_set():
             coll, blocked = self.progress() if self.progress is not None else (0, 0.0)
             beat = {"op": "heartbeat", "worker": self.worker, "hold": interval,
                     "generation": self.generation, "step": self.step,
                     "coll": coll, "blocked": round(blocked, 3)}
-            if isinstance(self.status.get("version"), int):
-                beat["seen"] = self.status["version"]  # news since is answered at once
+            if self._seen is not None:
+                beat["seen"] = self._seen  # news since is answered at once
             try:
-                chan.send(beat)
-                reply, _ = chan.recv()
-            except (ConnectionError, OSError, AuthenticationError) as e:
+                held = self.status.get("hold", MAX_HOLD)  # a large job's beats are held longer
+                held = float(held) if isinstance(held, (int, float)) else MAX_HOLD
+                reply, _ = self._mux.call(beat, limit=timeout + max(interval, held))
+            except RendezvousError as e:
                 if not self._hb_stop.is_set():
-                    self.status = {"ok": False, "error": f"lost the coordinator ({e or 'timeout'})"}
+                    self.status = {"ok": False, "error": f"lost the coordinator ({e})"}
                 return
             self.status = reply
             if not reply.get("ok"):
                 return
+            if reply.get("asked") == self.generation and isinstance(reply.get("version"), int):
+                self._seen = reply["version"]  # a reply about an older generation is not
 
     def watch(self, starter: str, stopped: list[str], timeout: float = 1.0, *,
               workers: list[str] | None = None, generation: int = -1) -> dict[str, Any]:
@@ -258,27 +255,15 @@ class CoordClient:
         return None
 
     def sever(self) -> None:
-        """Drop every connection to the coordinator without a goodbye (chaos: a network cut)."""
+        """Drop the connection to the coordinator without a goodbye (chaos: a network cut)."""
         self.status = {"ok": False, "error": "cut off from the coordinator"}
         self._hb_stop.set()
-        for chan in (self._hb_chan, self._chan):
-            if chan is not None:
-                try:
-                    chan.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self._mux.shutdown()
 
     def close(self, *, leave: bool = True) -> None:
         if leave:
             self.leave()
         self._hb_stop.set()
-        for chan in (self._hb_chan, self._chan):
-            if chan is None:
-                continue
-            try:
-                chan.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            chan.sock.close()
+        self._mux.close()
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=2)

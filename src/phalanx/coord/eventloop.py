@@ -4,13 +4,16 @@ Every connection is a small record (buffers, deadlines, the request it has parke
 thread, so 20,000 connections cost memory, not 20,000 stacks. A request the membership cannot
 answer yet returns a `Wait`; the connection is parked under the wait's topics and retried when
 one of them changes (`wake`, callable from any thread), or answered at its deadline. Requests
-of one connection are answered in order: while one is parked, its later frames stay buffered.
+without an `id` are answered in order (while one is parked, later frames stay buffered);
+numbered ones (`id` in the header, echoed in the reply) are independent, so one connection
+carries a worker's heartbeats and its blocking requests at once.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import os
 import selectors
 import socket
@@ -39,6 +42,8 @@ SWEEP_INTERVAL = 0.25
 ACCEPT_BACKOFF = 0.1
 """Seconds the loop stops accepting after accept() fails (e.g. EMFILE: out of descriptors)."""
 ACCEPTS_PER_PASS = 256
+MAX_PARKED_PER_CONN = 64
+"""Numbered requests one connection may have waiting at once; more are refused."""
 """Connections accepted per loop pass at most, so a flood cannot starve the members."""
 
 
@@ -56,8 +61,21 @@ class Conn:
     authed: bool = False
     worker: str | None = None
     beating: bool = False
-    wait: Wait | None = None
+    parked: set[Parked] = field(default_factory=set)
+    blocked: bool = False
+    """An unnumbered request is parked: its later frames wait."""
     closed: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Parked:
+    """One request waiting for an answer."""
+
+    conn: Conn
+    rid: int | None
+    """The request's `id` (None: unnumbered)."""
+    wait: Wait
+    done: bool = False
 
 
 class Handler(Protocol):
@@ -99,9 +117,10 @@ class EventLoop:
         self._sel.register(listener, selectors.EVENT_READ, "accept")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self.conns: set[Conn] = set()
-        self._parked: dict[str, set[Conn]] = {}
-        self._deadlines: list[tuple[float, int, Conn, Wait]] = []
+        self._parked: dict[str, set[Parked]] = {}
+        self._deadlines: list[tuple[float, int, Parked]] = []
         self._seq = itertools.count()
+        self._encoded: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._woken: set[str] = set()
         self._woken_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -220,8 +239,8 @@ class EventLoop:
             self._process(conn)
 
     def _process(self, conn: Conn) -> None:
-        """Answer the connection's complete frames in order until one must wait."""
-        while not conn.closed and conn.wait is None:
+        """Answer the connection's complete frames in order until an unnumbered one waits."""
+        while not conn.closed and not conn.blocked:
             try:
                 frame = conn.frames.next()
             except AuthenticationError as e:
@@ -236,53 +255,80 @@ class EventLoop:
                 conn.authed = True
                 conn.frames.limit = MAX_HEADER + MAX_PAYLOAD
                 self._handler.authenticated(conn)
+            rid = frame[0].get("id")
+            if rid is not None and (isinstance(rid, bool) or not isinstance(rid, int)):
+                self._reply(conn, ({"ok": False, "error": "field 'id' must be an integer"},
+                                   b""), None)
+                continue
+            if rid is not None and len(conn.parked) >= MAX_PARKED_PER_CONN:
+                self._reply(conn, ({"ok": False, "error": f"more than {MAX_PARKED_PER_CONN} "
+                                    "requests waiting on this connection"}, b""), rid)
+                continue
             answer = self._handler.answer(conn, *frame)
             if isinstance(answer, Wait):
-                self._park(conn, answer)
+                self._park(Parked(conn, rid, answer))
             else:
-                self._reply(conn, answer)
+                self._reply(conn, answer, rid)
 
     # ----------------------------------------------------------------- parked requests
-    def _park(self, conn: Conn, wait: Wait) -> None:
-        conn.wait = wait
-        for topic in wait.topics:
-            self._parked.setdefault(topic, set()).add(conn)
-        heapq.heappush(self._deadlines, (wait.deadline, next(self._seq), conn, wait))
+    def _park(self, p: Parked) -> None:
+        p.conn.parked.add(p)
+        p.conn.blocked = p.rid is None
+        for topic in p.wait.topics:
+            self._parked.setdefault(topic, set()).add(p)
+        heapq.heappush(self._deadlines, (p.wait.deadline, next(self._seq), p))
 
-    def _unpark(self, conn: Conn) -> None:
-        wait, conn.wait = conn.wait, None
-        for topic in wait.topics if wait is not None else ():
+    def _unpark(self, p: Parked) -> None:
+        p.done = True
+        p.conn.parked.discard(p)
+        for topic in p.wait.topics:
             waiters = self._parked.get(topic)
             if waiters is not None:
-                waiters.discard(conn)
+                waiters.discard(p)
                 if not waiters:
                     del self._parked[topic]
 
-    def _finish(self, conn: Conn, reply: tuple[dict[str, Any], bytes]) -> None:
-        self._unpark(conn)
-        self._reply(conn, reply)
-        self._process(conn)  # frames that arrived while it waited
+    def _finish(self, p: Parked, reply: tuple[dict[str, Any], bytes]) -> None:
+        self._unpark(p)
+        self._reply(p.conn, reply, p.rid)
+        if p.rid is None:
+            p.conn.blocked = False
+            self._process(p.conn)  # frames that arrived while it waited
 
     def _retry_woken(self) -> None:
         with self._woken_lock:
             topics, self._woken = self._woken, set()
         for topic in topics:
-            for conn in list(self._parked.get(topic, ())):
-                if conn.wait is not None and not conn.closed:
-                    reply = conn.wait.retry()
+            for p in list(self._parked.get(topic, ())):
+                if not p.done and not p.conn.closed:
+                    reply = p.wait.retry()
                     if reply is not None:
-                        self._finish(conn, reply)
+                        self._finish(p, reply)
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, conn, wait = heapq.heappop(self._deadlines)
-            if conn.wait is wait and not conn.closed:
-                self._finish(conn, wait.expire())
+            _, _, p = heapq.heappop(self._deadlines)
+            if not p.done and not p.conn.closed:
+                self._finish(p, p.wait.expire())
 
     # ----------------------------------------------------------------- writing
-    def _reply(self, conn: Conn, reply: tuple[dict[str, Any], bytes]) -> None:
+    def _reply(self, conn: Conn, reply: tuple[dict[str, Any], bytes], rid: int | None) -> None:
         if not conn.closed:
-            self._send(conn, conn.frames.codec.seal(*reply))
+            self._send(conn, conn.frames.codec.seal_head(self._encode(reply[0], rid), reply[1]))
+
+    def _encode(self, header: dict[str, Any], rid: int | None) -> bytes:
+        """The header as JSON with the request's id. A header object answered to many (one
+        heartbeat status per piece of news) is encoded once and the id spliced in."""
+        cached = self._encoded.get(id(header))
+        if cached is None or cached[0] is not header:
+            if len(self._encoded) >= 256:
+                self._encoded.clear()
+            cached = (header, json.dumps(header, separators=(",", ":")).encode())
+            self._encoded[id(header)] = cached  # holds the header: its id is not reused
+        head = cached[1]
+        if rid is None:
+            return head
+        return head[:-1] + (b',"id":%d}' % rid if len(head) > 2 else b'"id":%d}' % rid)
 
     def _send(self, conn: Conn, data: bytes) -> None:
         if conn.out:
@@ -338,7 +384,8 @@ class EventLoop:
         if conn.closed:
             return
         conn.closed = True
-        self._unpark(conn)
+        for p in list(conn.parked):
+            self._unpark(p)
         self.conns.discard(conn)
         try:
             self._sel.unregister(conn.sock)

@@ -15,12 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import policy
+from .protocol import MAX_HOLD
 from .store_ops import _int, _seconds, _str
 from .waits import NEWS, WORLD, Answer, Reply, Wait, member_topic
 
 BEAT_BUDGET = 4000.0
-"""Heartbeats per second the coordinator plans for: past BEAT_BUDGET * hold workers, each beat
-is held longer (up to a third of the heartbeat timeout), so the rate stays bounded."""
+"""Heartbeats per second the coordinator plans for: past BEAT_BUDGET * interval workers each
+beat is held longer (`scaled_hold`), so the rate stays bounded; the loss timeout grows with it."""
+
 
 
 class MemberOps:
@@ -37,6 +39,7 @@ class MemberOps:
     max_step: int
     version: int
     heartbeat_timeout: float
+    stopped_timeout: float
     target_np: int
     min_np: int
     _wait_since: float | None
@@ -68,7 +71,7 @@ class MemberOps:
             self.max_step = max(self.max_step, step)
             seen = _int(h, "seen", self.version)
             if hold > 0:
-                hold = max(hold, min(len(self.members) / BEAT_BUDGET, self.heartbeat_timeout / 3))
+                hold = max(hold, self.scaled_hold())
 
         def answer() -> Reply:
             with self.cv:
@@ -84,6 +87,16 @@ class MemberOps:
             return answer()
         return Wait(retry, answer, time.monotonic() + hold, (NEWS,))
 
+    def scaled_hold(self) -> float:
+        """How long a beat is held at least, for this many members (0 in small jobs)."""
+        return min(len(self.members) / BEAT_BUDGET, MAX_HOLD)
+
+    def loss_timeouts(self) -> tuple[float, float]:
+        """(silence that makes a worker lost, silence after which a stopped one is): the
+        configured ones, stretched to three held beats in a large job."""
+        hold = self.scaled_hold()
+        return max(self.heartbeat_timeout, 3 * hold), max(self.stopped_timeout, hold + 0.1)
+
     def _status_reply(self, generation: int) -> dict[str, Any]:
         """What a heartbeat hears (lock held): computed once per news, not once per beat."""
         cached = self._status_cache.get(generation)
@@ -96,10 +109,10 @@ class MemberOps:
             lost = [r for r, w in enumerate(world.workers)
                     if not self.members[w].alive and not self.members[w].left]
         waiting_outside = sum(1 for m in self.members.values() if m.alive and m.waiting
-                              and (not world or m.worker not in world.workers))
+                              and m.worker not in self.ranks)
         reply = {"ok": True, "generation": current, "asked": generation, "lost_ranks": lost,
                  "broken": generation in self.broken, "newcomers": waiting_outside,
-                 "version": self.version,
+                 "version": self.version, "hold": round(self.scaled_hold(), 3),
                  "failed": self.failed}
         if len(self._status_cache) < 64:
             self._status_cache[generation] = reply
@@ -123,7 +136,7 @@ class MemberOps:
             self.max_step = max(self.max_step, step)
             if self._wait_since is None:
                 self._wait_since = time.monotonic()
-            if self.world is not None and worker not in self.world.workers:
+            if self.world is not None and worker not in self.ranks:
                 self._news()  # a newcomer: members leave for it at their next step boundary
             self._members_changed()
 
@@ -139,7 +152,8 @@ class MemberOps:
                 return {"ok": False, "error": f"rendezvous timed out: {n} worker(s) waiting, "
                         f"need {need}"}, b""
 
-        return Wait(retry, expire, deadline, (WORLD, member_topic(worker)))
+        # Answered now if it can be (the job finished, or failed, before this worker came).
+        return retry() or Wait(retry, expire, deadline, (WORLD, member_topic(worker)))
 
     def _placed(self, m: policy.MemberStatus, after: int) -> Reply | None:
         """A waiting worker's answer once there is one (lock held): its place in a newer
@@ -169,6 +183,7 @@ class MemberOps:
         first, count = self._host_span(w, host)
         return {"ok": True, "generation": w.generation, "rank": rank, "size": len(w.workers),
                 "local_rank": rank - first, "local_size": count, "job_step": self.max_step,
+                "version": self.version,
                 "local_pids": [self.pids.get(x, -1) for x in w.workers[first:first + count]]
                 }, self._roster_bytes(w)
 

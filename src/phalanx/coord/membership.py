@@ -25,6 +25,8 @@ from .waits import NEWS, WORLD, Answer, Reply, member_topic, starter_topic
 log = logging.getLogger("phalanx.coord")
 
 FenceFn = Callable[[str, int, bool], None]
+FORM_GAP_PER_MEMBER = 5e-6
+"""Seconds between formation attempts per member (50 ms at 10,000), each costing O(members)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,6 +94,8 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         """Set by the server: retry the parked requests waiting on these topics."""
         self._form_due = False
         self._left_since_check = False
+        self._last_scan = 0.0
+        self._last_form_try = 0.0
         self._status_cache: dict[int, dict[str, Any]] = {}
         self._roster: tuple[int, bytes] | None = None
 
@@ -114,28 +118,39 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         `urgent` fences at once (a silent but live process); otherwise its starter kills it
         only if it is still running a moment later (its socket closed because it is exiting).
         """
+        self.declare_many_lost([worker], reason, urgent=urgent)
+
+    def declare_many_lost(self, workers: list[str], reason: str, *, urgent: bool = True) -> None:
+        """`declare_lost` for several workers at once (a host's workers dying together): one
+        piece of news for every heartbeat, not one per worker."""
+        fenced: list[tuple[str, int]] = []
         with self.cv:
-            m = self.members.get(worker)
-            if m is None or not m.alive:
+            for worker in workers:
+                m = self.members.get(worker)
+                if m is None or not m.alive:
+                    continue
+                m.alive = m.waiting = False
+                pid = self.pids.get(worker, -1)
+                if worker in self.ranks:
+                    self.broken.add(self.world.generation)
+                self._event("lost", news=False, worker=worker, reason=reason)
+                starter = self.starters.get(worker)
+                if starter is not None:
+                    self.orders.setdefault(starter, []).append((worker, pid))
+                    self.wake((starter_topic(starter),))
+                fenced.append((worker, pid))
+            if not fenced:
                 return
-            m.alive = False
-            m.waiting = False
-            pid = self.pids.get(worker, -1)
-            if self.world and worker in self.world.workers:
-                self.broken.add(self.world.generation)
-            self._event("lost", worker=worker, reason=reason)
-            starter = self.starters.get(worker)
-            if starter is not None:
-                self.orders.setdefault(starter, []).append((worker, pid))
-                self.wake((starter_topic(starter),))
-            self._members_changed(worker)
-        if not self._quiet:
-            log.warning("worker %s lost: %s", worker, reason)
-        if self.fence is not None:
-            try:
-                self.fence(worker, pid, urgent)
-            except Exception:  # fencing is best effort; the peer may be gone already
-                log.exception("fencing worker %s failed", worker)
+            self._news()
+            self._members_changed(*(w for w, _ in fenced))
+        for worker, pid in fenced:
+            if not self._quiet:
+                log.warning("worker %s lost: %s", worker, reason)
+            if self.fence is not None:
+                try:
+                    self.fence(worker, pid, urgent)
+                except Exception:  # fencing is best effort; the peer may be gone already
+                    log.exception("fencing worker %s failed", worker)
 
     def declare_hosts_lost(self, workers: list[str], reason: str) -> None:
         """Every worker of a host is gone at once (its agent died): one loss, one new
@@ -144,7 +159,7 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
             gone = [w for w in workers if w in self.members and self.members[w].alive]
             for w in gone:
                 self.members[w].alive = self.members[w].waiting = False
-            if self.world and any(w in self.world.workers for w in gone):
+            if self.world and any(w in self.ranks for w in gone):
                 self.broken.add(self.world.generation)
             if gone:
                 self._event("lost", workers=gone, reason=reason)
@@ -175,37 +190,42 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
             return m is not None and m.alive
 
     def tick(self) -> None:
-        """One monitor pass: declare silent workers lost, form a generation if due."""
+        """One monitor pass: declare silent workers lost, form a generation if due. The scan
+        for silent workers is O(members), so a large job runs it less often."""
         now = time.monotonic()
+        decisions: list[policy.Decision] = []
         with self.cv:
+            scan = now - self._last_scan >= min(0.25, 0.05 + len(self.members) / 40000)
+            lost_after, stopped_after = self.loss_timeouts()
             # Probe only workers already silent for a while: a /proc read each, cheap.
             quiet = [(m.worker, self.pids.get(m.worker, -1)) for m in self.members.values()
-                     if m.alive and m.last_heartbeat and now - m.last_heartbeat > self.stopped_timeout]
+                     if m.alive and m.last_heartbeat and now - m.last_heartbeat > stopped_after
+                     ] if scan else []
         stopped = ({w for w, pid in quiet if pid > 0 and self.probe_stopped(w, pid)}
                    if self.probe_stopped is not None else set())
         with self.cv:
-            # Starters elsewhere (agents, `phalanx join`) report their stopped workers.
-            stopped |= {w for w, t in self.stopped_reports.items() if now - t < 1.0}
-            decisions = [policy.find_lost(list(self.members.values()), time.monotonic(),
-                                          self.heartbeat_timeout, stopped=stopped,
-                                          stopped_timeout=self.stopped_timeout)]
-            if self.world is not None and self.straggler_timeout is not None:
-                world = [self.members[w] for w in self.world.workers]
-                decisions.append(policy.find_stragglers(world, self.world.generation,
-                                                        self.straggler_timeout))
+            if scan:
+                self._last_scan = now
+                # Starters elsewhere (agents, `phalanx join`) report their stopped workers.
+                stopped |= {w for w, t in self.stopped_reports.items() if now - t < 1.0}
+                decisions.append(policy.find_lost(list(self.members.values()), time.monotonic(),
+                                                  lost_after, stopped=stopped,
+                                                  stopped_timeout=stopped_after))
+                if self.world is not None and self.straggler_timeout is not None:
+                    world = [self.members[w] for w in self.world.workers]
+                    decisions.append(policy.find_stragglers(world, self.world.generation,
+                                                            self.straggler_timeout))
             if self._wait_since is not None:  # someone waits: the settle time may have passed
                 self._maybe_form()
         for decision in decisions:
             for w in decision.members if decision.act else []:
                 self.declare_lost(w, decision.reason)
 
-    def heartbeat_closed(self, worker: str) -> None:
-        """A heartbeat connection closed without a goodbye: the process is exiting or cut off."""
-        with self.cv:
-            m = self.members.get(worker)
-            gone = m is not None and m.alive
-        if gone:
-            self.declare_lost(worker, "heartbeat connection closed (process exited)", urgent=False)
+    def heartbeats_closed(self, workers: list[str]) -> None:
+        """Heartbeat connections closed without a goodbye: the processes are exiting or cut
+        off (those that closed together are declared lost together)."""
+        self.declare_many_lost(workers, "heartbeat connection closed (process exited)",
+                               urgent=False)
 
     def check_token(self, worker: str, token: str) -> bool:
         """Does `token` prove this connection speaks for `worker` (issued at its join)?"""
@@ -236,8 +256,13 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         """Called by the server after each batch of requests: one formation attempt for all
         the rendezvous and losses that arrived together, not one per request."""
         with self.cv:
-            if self._form_due:
+            now = time.monotonic()
+            # An attempt is O(members): in a large job, at most one per FORM_GAP_PER_MEMBER * N
+            # seconds while arrivals trickle in (the monitor's tick or a later pass retries).
+            if self._form_due and now - self._last_form_try >= min(
+                    0.05, len(self.members) * FORM_GAP_PER_MEMBER):
                 self._form_due = False
+                self._last_form_try = now
                 self._maybe_form()
             if self._left_since_check:
                 self._left_since_check = False
@@ -316,14 +341,14 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         chosen = [self.members[w] for w in decision.members]
         # Live members of the last generation that did not come within the settle time (hung
         # in user code, say) are lost: fence them, or they would linger and hold the job.
-        late = [w for w in prev if self.members[w].alive and w not in decision.members]
+        picked = set(decision.members)
+        late = [w for w in prev if self.members[w].alive and w not in picked]
         order = policy.order_world(chosen, prev)
         gen = (self.world.generation if self.world else 0) + 1
-        chosen_set = set(order)
         self.world = World(generation=gen, workers=order,
                            hosts=[self.members[w].host for w in order],
                            steps=[self.members[w].step for w in order],
-                           kept=[r for r, w in enumerate(prev) if w in chosen_set])
+                           kept=[r for r, w in enumerate(prev) if w in picked])
         for w in order:
             self.members[w].waiting = False
         self.formed.update(order)

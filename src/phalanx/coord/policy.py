@@ -84,12 +84,10 @@ def order_world(members: list[MemberStatus], previous: list[str]) -> list[str]:
         if m.worker in prev_pos:
             return (0, prev_pos[m.worker], m.worker)
         return (1, m.rank_hint if m.rank_hint >= 0 else 1 << 30, m.worker)
-    ordered = sorted(members, key=key)
-    hosts: list[str] = []
-    for m in ordered:
-        if m.host not in hosts:
-            hosts.append(m.host)
-    return [m.worker for h in hosts for m in ordered if m.host == h]
+    by_host: dict[str, list[str]] = {}  # insertion order: hosts by their first member
+    for m in sorted(members, key=key):
+        by_host.setdefault(m.host, []).append(m.worker)
+    return [w for workers in by_host.values() for w in workers]
 
 
 def should_form(members: list[MemberStatus], *, first: bool, target_np: int, min_np: int,

@@ -38,6 +38,9 @@ FRAME_TIMEOUT = 10.0
 """Seconds a frame may take from its first byte to its last, plus `size / MIN_RATE`."""
 MIN_RATE = 1 << 20
 """Slowest transfer (bytes/s) a large frame may use before it times out."""
+MAX_HOLD = 5.0
+"""Longest the coordinator holds a heartbeat's reply (seconds), in a job of 20,000 workers or
+more; a client that has not heard the job's hold yet waits that long plus its timeout."""
 CHUNK = 1 << 20
 """Most bytes read per recv() call: a frame's buffer grows only as its bytes arrive."""
 _PREFIX = struct.Struct("!II")
@@ -112,7 +115,10 @@ class Codec:
 
     def seal(self, header: dict[str, Any], payload: bytes = b"") -> bytes:
         """The bytes of the next frame this end sends."""
-        head = json.dumps(header, separators=(",", ":")).encode()
+        return self.seal_head(json.dumps(header, separators=(",", ":")).encode(), payload)
+
+    def seal_head(self, head: bytes, payload: bytes = b"") -> bytes:
+        """`seal` for a header already encoded as JSON (one shared by many replies)."""
         tag = self._tag(self._send_dir, self._send_seq, head, payload)
         self._send_seq += 1
         return b"".join((_PREFIX.pack(len(head), len(payload)), head, payload, tag))
@@ -152,11 +158,11 @@ class Channel:
 
     def __init__(self, sock: socket.socket, key: bytes, *, is_server: bool) -> None:
         self.sock = sock
-        self._codec = Codec(key, is_server=is_server)
+        self.codec = Codec(key, is_server=is_server)
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         """Send one frame; a peer that does not read it within `frame_seconds` times it out."""
-        frame = self._codec.seal(header, payload)
+        frame = self.codec.seal(header, payload)
         self.sock.settimeout(frame_seconds(len(frame)))
         self.sock.sendall(frame)
 
@@ -182,4 +188,4 @@ class Channel:
         head = recv_exact(self.sock, hlen, end)
         payload = recv_exact(self.sock, plen, end) if plen else b""
         tag = recv_exact(self.sock, TAG_BYTES, end)
-        return self._codec.open(head, payload, tag), payload
+        return self.codec.open(head, payload, tag), payload

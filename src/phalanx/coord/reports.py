@@ -28,6 +28,7 @@ class ReportOps:
     fail_on_error: bool
     failed: str | None
     max_step: int
+    ranks: dict[str, int]
     _quiet: bool
     wake: Callable[[tuple[str, ...]], None]
     _event: Callable[..., None]
@@ -62,7 +63,7 @@ class ReportOps:
             if m is None or not m.alive:
                 return {"ok": True}, b""
             m.alive = m.waiting = False
-            if self.world and worker in self.world.workers:
+            if self.world and worker in self.ranks:
                 self.broken.add(self.world.generation)
             self.errors[worker] = {str(k): v for k, v in error.items()}
             self._event("error", worker=worker, error=self.errors[worker])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import resource
 import socket
@@ -37,6 +38,8 @@ log = logging.getLogger("phalanx.coord")
 
 __all__ = ["ConnectionLimits", "CoordServer", "World", "raise_fd_limit"]
 
+FD_WANTED = 1 << 16
+"""Open files the coordinator asks for: two sockets per worker for 30,000 workers, and spare."""
 LOG_INTERVAL = 1.0
 """At most one log line per this many seconds per reason a connection was refused or dropped."""
 
@@ -117,16 +120,21 @@ _SPEAKS_FOR = frozenset({"join", "leave", "failed", "event", "rendezvous"})
 """Ops whose 'worker' field must match the connection's hello."""
 
 
-def raise_fd_limit() -> None:
-    """Raise the soft open-files limit to the hard one: the coordinator holds two sockets per
-    worker, and Gloo a socket per peer (it aborts the process when it runs out)."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                        else max(soft, 1 << 16), hard))
-    except (ValueError, OSError):
-        pass
+def raise_fd_limit(want: int = FD_WANTED) -> int:
+    """Raise the open-files limit towards `want` (the hard limit too, where the process may):
+    the coordinator holds two sockets per worker, and Gloo a socket per peer (it aborts the
+    process when it runs out). Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limits in ((want, max(hard, want)), (min(want, hard), hard)):
+        if hard != resource.RLIM_INFINITY and limits[1] > hard and os.geteuid() != 0:
+            continue  # raising the hard limit needs privilege
+        try:
+            if limits[0] > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class CoordServer:
@@ -292,13 +300,17 @@ class CoordServer:
             self._drops.flush()
 
     def _beats_closed_loop(self) -> None:
-        """Declares workers whose heartbeat connection closed lost, off the loop's thread:
-        fencing signals a process or asks its starter, which may take a moment."""
+        """Declares workers whose heartbeat connection closed lost, off the loop's thread
+        (fencing signals a process or asks its starter, which may take a moment). Closes that
+        arrive together (a host going down) become one loss."""
         while True:
-            worker = self._closed_beats.get()
-            if worker is None or self._stop.is_set():
+            workers = [self._closed_beats.get()]
+            time.sleep(0.002)  # the rest of a burst
+            while not self._closed_beats.empty():
+                workers.append(self._closed_beats.get())
+            if None in workers or self._stop.is_set():
                 return
-            self.membership.heartbeat_closed(worker)
+            self.membership.heartbeats_closed([w for w in workers if w is not None])
 
     def _request(self, op: Any, h: dict[str, Any], payload: bytes, speaks_for: str | None,
                  beating: bool) -> Answer:

@@ -99,7 +99,7 @@ def test_p99_counts_what_never_arrived_and_the_table_says_never() -> None:
 def test_2048_workers_form_and_reform_without_false_losses(tmp_path: Path) -> None:
     """The CI-sized run: 2,048 simulated workers on 256 hosts against the real coordinator."""
     out = tmp_path / "cp.json"
-    res = _bench(tmp_path, "--workers", "2048", "--per-host", "8", "--steady", "2",
+    res = _bench(tmp_path, "--workers", "2048", "--per-host", "8", "--steady", "1",
                  "--procs", "1", "--deadline", "60", "--json", str(out), timeout=140)
     assert res.returncode == 0, res.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]

@@ -36,7 +36,6 @@ class World:
     generation: int
     workers: list[str]
     hosts: list[str]
-    steps: list[int]
     formed_at: float = field(default_factory=time.monotonic)
     kept: list[int] = field(default_factory=list)
     """Ranks of the previous generation whose workers are in this one (ascending)."""
@@ -347,7 +346,6 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         gen = (self.world.generation if self.world else 0) + 1
         self.world = World(generation=gen, workers=order,
                            hosts=[self.members[w].host for w in order],
-                           steps=[self.members[w].step for w in order],
                            kept=[r for r, w in enumerate(prev) if w in picked])
         for w in order:
             self.members[w].waiting = False

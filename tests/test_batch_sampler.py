@@ -81,7 +81,8 @@ def test_epochs_differ_and_set_epoch_is_idempotent() -> None:
         s.set_epoch(1)
         s.set_epoch(1)
         second = [b for b in s if not s.on_step_done()]
-    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(10))
+    flat = [[i for b in bs for i in b] for bs in (first, second)]
+    assert sorted(flat[0]) == sorted(flat[1]) == list(range(10))
     assert first != second and len(first) == len(second) == 3
 
 

@@ -81,7 +81,7 @@ with open(os.path.join(OUT, f"final-{os.getpid()}.json"), "w") as f:
                "recoveries": len(trainer.strategy.recoveries),
                "params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
                "val_loss": float(trainer.callback_metrics["val_loss"])}, f)
-''' % {"N": N, "BATCH": BATCH, "EPOCHS": EPOCHS, "LR": LR}
+''' % {"N": N, "BATCH": BATCH, "EPOCHS": EPOCHS, "LR": LR}  # noqa: UP031 (braces in it)
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +111,7 @@ def _replay(steps: dict[int, list[list[int]]], init: list[list[float]]) -> torch
     x, y = _data(N, 0)
     w = torch.tensor(init[0], dtype=torch.float64).reshape(1, 4).requires_grad_()
     b = torch.tensor(init[1], dtype=torch.float64).requires_grad_()
-    for _, batches in steps.items():
+    for batches in steps.values():
         parts = [torch.nn.functional.mse_loss((x[i] @ w.T).squeeze(-1) + b, y[i])
                  for i in map(torch.tensor, batches) if len(i)]
         loss = sum(parts) / len(parts)

@@ -109,6 +109,7 @@ def collectives(scale: float) -> dict:
     r, n = px.rank(), px.size()
     x = np.arange(6, dtype=np.float64) * (r + 1) * scale
     return {"rank": r, "size": n, "worker": os.environ["PHALANX_WORKER_ID"],
+            "coord": os.environ["PHALANX_COORD_ADDR"],
             "sum": px.allreduce(x, op="sum"), "avg": px.allreduce(x, op="avg"),
             "max": px.allreduce(torch.tensor([float(r)]), op="max"),
             "gather": px.allgather(np.full(2, r, dtype=np.int64)),
@@ -207,6 +208,8 @@ def test_collectives_equal_numpy_and_results_come_in_rank_order(progress, segmen
         np.testing.assert_array_equal(o["gather"], np.repeat(np.arange(2), 2))
         np.testing.assert_array_equal(o["bcast"], [10.0])
         assert o["objects"] == [{"r": 0}, {"r": 1}]
+        # Every worker placed on the driver's node: the coordinator stays on loopback.
+        assert o["coord"].startswith("127.0.0.1:"), o["coord"]
     lines = [r.getMessage() for r in progress.records if r.name == "phalanx.ray"]
     assert sum(line.startswith("generation ") for line in lines) == 1, lines
     assert_nothing_left(segments_before)
@@ -329,6 +332,11 @@ def test_records_tell_faults_from_bugs() -> None:
                             "because its worker process has died)")
     fenced = records.died(_record(2, 1, fenced=True), "The actor is dead because it was killed")
     assert fenced.is_fault and fenced.worker == "w2.1" and "fenced" in fenced.why()
+    cut = records.died(_record(3, fenced=True), "The actor is dead because it was killed",
+                       node_lost="unreachable: its raylet at 10.0.0.7:5 did not answer within 1s")
+    assert cut.is_fault and "fenced" not in cut.why()
+    assert cut.why().endswith("its node 10.0.0.7 (h) was lost: unreachable: its raylet at "
+                              "10.0.0.7:5 did not answer within 1s"), cut.why()
     bug = records.returned(_record(0), Outcome(worker="w0", error={
         "type": "KeyError", "message": "'x'", "where": "a.py:3", "time": 1.0,
         "cascade": False, "traceback": "Traceback ...\nKeyError: 'x'\n"}))

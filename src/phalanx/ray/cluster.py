@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import time
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,11 @@ from ..errors import ConfigError
 from ..launch.shmfiles import cleanup as shm_cleanup
 
 log = logging.getLogger("phalanx.ray")
+
+PROBE_TIMEOUT = 1.0
+"""Seconds a node's raylet has to accept a TCP connection before the node counts as
+unreachable. A live raylet's kernel answers within milliseconds, even on a loaded node; the
+driver waits this long once per lost node."""
 
 _probed: dict[tuple[str, str], bool] = {}
 """(Ray session, job id) -> whether its default workers import the driver's phalanx."""
@@ -39,13 +45,23 @@ class Cluster:
         """What Ray raises when an actor is gone already or Ray is shutting down."""
         self.node: str = ray.get_runtime_context().get_node_id()
         """The driver's node."""
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        self.single_node = all(n.get("NodeID") == self.node for n in alive)
-        """Every node is the driver's: the job stays on loopback, as `phalanx run` does."""
 
-    def bind_address(self) -> str:
-        """Where the coordinator listens: loopback on one node, else the node's address."""
-        return "127.0.0.1" if self.single_node else str(self.ray.util.get_node_ip_address())
+    def only_here(self, pg: Any) -> bool:
+        """Every bundle of the ready placement group `pg` is on the driver's node.
+
+        Decided once the group is placed, not from the nodes alive before: a cluster that
+        grows (an autoscaler's worker group at min_workers 0) places bundles on nodes that did
+        not exist when the job began. Bundles stay on their node while it lives (Ray moves
+        them only off a dead node, and the driver's node dying ends the job), so the answer
+        holds for the job's life, replacements included."""
+        from ray.util import placement_group_table
+        placed = placement_group_table(pg).get("bundles_to_node_id") or {}
+        return bool(placed) and set(placed.values()) == {self.node}
+
+    def bind_address(self, local: bool) -> str:
+        """Where the coordinator listens: loopback when every worker is on the driver's node
+        (as `phalanx run` does), else the node's address (HMAC-authenticated, as always)."""
+        return "127.0.0.1" if local else str(self.ray.util.get_node_ip_address())
 
     def runtime_env(self) -> dict[str, Any] | None:
         """The actors' runtime_env: None when Ray's default workers already import the
@@ -84,6 +100,33 @@ class Cluster:
                 f"{bundle} within placement_timeout={timeout:g}s; the cluster has {have}. "
                 "Lower num_workers or resources_per_worker, or add nodes") from None
         return pg
+
+    def dead_nodes(self) -> set[str]:
+        """The nodes Ray reports dead (none if Ray cannot say: it is shutting down)."""
+        try:
+            return {str(n.get("NodeID")) for n in self.ray.nodes() if not n.get("Alive")}
+        except self.errors:
+            return set()
+
+    def node_lost(self, node_id: str) -> str | None:
+        """Why node `node_id` is lost, or None when its raylet answers. A node cut off the
+        network looks alive to Ray until its health checks run out; a TCP
+        connection to its raylet tells at once."""
+        try:
+            info = next((n for n in self.ray.nodes() if n.get("NodeID") == node_id), None)
+        except self.errors:  # Ray is shutting down: nothing to tell
+            return None
+        if info is None or not info.get("Alive"):
+            return "Ray reports it dead"
+        addr = (str(info.get("NodeManagerAddress")), int(info.get("NodeManagerPort") or 0))
+        try:
+            with socket.create_connection(addr, timeout=PROBE_TIMEOUT):
+                return None
+        except TimeoutError:
+            return (f"unreachable: its raylet at {addr[0]}:{addr[1]} did not answer within "
+                    f"{PROBE_TIMEOUT:g}s")
+        except OSError as e:
+            return f"unreachable: connecting to its raylet at {addr[0]}:{addr[1]} failed ({e})"
 
     def release(self, pg: Any) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -9,6 +9,10 @@ restarts stay off). It tells faults from bugs as `phalanx run` does: an actor th
 fault, recovered while enough workers remain; an exception raised by the user's function is a
 bug and fails the call. It logs one line per generation, and leaves nothing behind: no actor,
 no placement group, no coordinator thread, no shared memory.
+
+The coordinator listens on loopback only when every bundle was placed on the driver's node,
+else on the node's address (a cluster may grow after the call). A lost worker whose node does
+not answer is reported as a node loss naming the node, and cleanup does not wait on that node.
 """
 
 from __future__ import annotations
@@ -82,24 +86,42 @@ class RayJob:
         self._stopping = False
         self._pg: Any = None
         self._placed_at = self.t0 = 0.0
-        self.server = CoordServer(self._secret, host=self.cluster.bind_address(),
-                                  target_np=spec.num_workers, min_np=spec.min_np,
-                                  max_np=spec.num_workers, heartbeat_timeout=spec.heartbeat_timeout,
-                                  settle=SETTLE, fence=self._fence, probe_stopped=self._is_stopped)
-        self.server.membership.straggler_timeout = spec.timeout
-        self.server.membership.fail_on_error = True
+        self._local = True
+        """Every worker is on the driver's node: loopback only (known once placed)."""
+        self._server: CoordServer | None = None
+        self._lost_nodes: dict[str, str] = {}
+        """Node id -> why it is lost (unreachable, or dead for Ray): nothing waits on it."""
+
+    @property
+    def server(self) -> CoordServer:
+        """The job's coordinator, listening once the workers are placed."""
+        if self._server is None:  # cannot happen: only used once run() placed the workers
+            raise RuntimeError("the coordinator is not started yet")
+        return self._server
+
+    def _serve(self) -> None:
+        """Start the coordinator where every placed worker can reach it."""
+        spec = self.spec
+        self._local = self.cluster.only_here(self._pg)
+        server = CoordServer(self._secret, host=self.cluster.bind_address(self._local),
+                             target_np=spec.num_workers, min_np=spec.min_np,
+                             max_np=spec.num_workers, heartbeat_timeout=spec.heartbeat_timeout,
+                             settle=SETTLE, fence=self._fence, probe_stopped=self._is_stopped)
+        server.membership.straggler_timeout = spec.timeout
+        server.membership.fail_on_error = True
+        self._server = server.start()
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> list[Any]:
         _show_progress()
         self.t0 = time.monotonic()
-        self.server.start()
         try:
             spec = self.spec
             self._pg = self.cluster.place(spec.bundle, spec.num_workers,
                                           timeout=spec.placement_timeout,
                                           name=f"{ACTOR_PREFIX}{self.job_id}")
             self._placed_at = time.monotonic()
+            self._serve()
             for slot in range(spec.num_workers):
                 self._spawn(slot, 0)
             return self._supervise()
@@ -107,7 +129,8 @@ class RayJob:
             self._teardown()
 
     def _teardown(self) -> None:
-        self.server.membership.quiet()
+        if self._server is not None:
+            self._server.membership.quiet()
         with self._lock:
             actors = list(self._actors.values())
             timers, self._timers = self._timers, []
@@ -115,12 +138,27 @@ class RayJob:
             t.cancel()
         for a in actors:
             self._kill(a)
-        self.cluster.wait_gone([self._name(a) for a in actors])
+        gone = self._skipped_nodes(actors)
+        reachable = [a for a in actors if a.where is None or a.where.node_id not in gone]
+        self.cluster.wait_gone([self._name(a) for a in reachable])
         if self._pg is not None:
             self.cluster.release(self._pg)
-        self.server.stop()
-        self.cluster.clean_shm(self.job_id, {a.where.node_id for a in actors if a.where},
+        if self._server is not None:
+            self._server.stop()
+        self.cluster.clean_shm(self.job_id, {a.where.node_id for a in reachable if a.where},
                                self._runtime_env)
+
+    def _skipped_nodes(self, actors: list[ActorRecord]) -> set[str]:
+        """The job's nodes that cleanup must not wait on: lost during the job, or dead for
+        Ray now (an actor there cannot be seen to die, a cleanup task there never runs)."""
+        lost = dict(self._lost_nodes)
+        for node in self.cluster.dead_nodes() - set(lost):
+            lost[node] = "Ray reports it dead"
+        where = {a.where.node_id: a.where for a in actors if a.where is not None}
+        for node in sorted(lost.keys() & where.keys()):
+            w = where[node]
+            log.info("cleanup does not wait on node %s (%s): %s", w.ip, w.hostname, lost[node])
+        return set(lost)
 
     def _name(self, a: ActorRecord) -> str:
         return f"{ACTOR_PREFIX}{self.job_id}-{a.worker}"
@@ -154,7 +192,7 @@ class RayJob:
                     and b.where.node_id == node for g in b.where.gpu_ids}
         return records.worker_env(self.spec, a, address=self.server.address,
                                   secret=self._secret, job_id=self.job_id,
-                                  bind=not self.cluster.single_node, gpus=gpus)
+                                  bind=not self._local, gpus=gpus)
 
     def _start_runs(self) -> None:
         """Call the function on every actor that is up. With GPUs, the first actors wait for
@@ -239,7 +277,7 @@ class RayJob:
         try:
             value = self.ray.get(ref)
         except errors.RayActorError as e:
-            return records.died(a, str(e))
+            return records.died(a, str(e), node_lost=self._node_loss(a))
         except errors.RayError as e:  # e.g. fn could not be unpickled in the actor
             cause = getattr(e, "cause", None) or e
             return records.call_failed(a, type(cause).__name__, str(cause), str(e))
@@ -248,6 +286,20 @@ class RayJob:
             return None
         self._outcomes[a.worker] = value
         return records.returned(a, value)
+
+    def _node_loss(self, a: ActorRecord) -> str:
+        """Why the node of dead actor `a` is lost, or "" when it is the driver's or answers."""
+        w = a.where
+        if w is None or w.node_id == self.cluster.node:
+            return ""
+        if w.node_id not in self._lost_nodes:
+            why = self.cluster.node_lost(w.node_id)
+            if why is None:
+                return ""
+            self._lost_nodes[w.node_id] = why
+            log.warning("node %s (%s) lost: %s; its workers are lost with it", w.ip,
+                        w.hostname, why)
+        return self._lost_nodes[w.node_id]
 
     def _supervise(self) -> list[Any]:
         spec, m = self.spec, self.server.membership

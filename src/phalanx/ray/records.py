@@ -87,10 +87,17 @@ def died_why(text: str) -> str:
     return lines[0][:300] if lines else "no reason given"
 
 
-def died(a: ActorRecord, ray_text: str) -> report.Exit:
-    """The actor died (killed, fenced, its node lost): a fault."""
-    why = ("fenced: the driver killed its actor (ray.kill) after the coordinator declared it "
-           "lost") if a.fenced else f"its Ray actor died ({died_why(ray_text)})"
+def died(a: ActorRecord, ray_text: str, *, node_lost: str = "") -> report.Exit:
+    """The actor died (killed, fenced, its node lost): a fault. `node_lost`: why its node is
+    lost (the driver found it unreachable, or Ray reports it dead), which says more than
+    how its actor ended."""
+    if node_lost and a.where is not None:
+        why = f"its node {a.where.ip} ({a.where.hostname}) was lost: {node_lost}"
+    elif a.fenced:
+        why = ("fenced: the driver killed its actor (ray.kill) after the coordinator declared "
+               "it lost")
+    else:
+        why = f"its Ray actor died ({died_why(ray_text)})"
     return _exit(a, -9, lost=True, detail=why)
 
 

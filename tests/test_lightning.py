@@ -31,6 +31,12 @@ torch.set_num_threads(1)
 N, BATCH, EPOCHS, LR = %(N)d, %(BATCH)d, %(EPOCHS)d, %(LR)r
 OUT = sys.argv[1]
 ACCUMULATE = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+KILL = os.environ.get("KILL_AT", "")  # "train" / "val": the first worker SIGKILLs itself there
+
+def maybe_die(where, trainer, batch_idx):
+    if KILL == where and os.environ.get("PHALANX_WORKER_ID") == "w1" and \
+            trainer.current_epoch == 0 and batch_idx == 1 and not trainer.sanity_checking:
+        os.kill(os.getpid(), 9)
 
 class Indexed(Dataset):
     def __init__(self, n, seed):
@@ -49,6 +55,7 @@ class Model(L.LightningModule):
         self.log_file = None
     def training_step(self, batch, batch_idx):
         idx, x, y = batch
+        maybe_die("train", self.trainer, batch_idx)
         if self.log_file is None:
             self.log_file = open(os.path.join(OUT, f"steps-{os.getpid()}.jsonl"), "a")
         self.log_file.write(json.dumps([self.global_step, idx.tolist()]) + "\n")
@@ -61,6 +68,7 @@ class Model(L.LightningModule):
             json.dump([p.detach().reshape(-1).tolist() for p in self.parameters()], f)
     def validation_step(self, batch, batch_idx):
         _, x, y = batch
+        maybe_die("val", self.trainer, batch_idx)
         self.log("val_loss", torch.nn.functional.mse_loss(self.lin(x).squeeze(-1), y),
                  sync_dist=True)
     def configure_optimizers(self):
@@ -73,7 +81,7 @@ trainer = L.Trainer(strategy=PhalanxStrategy(), max_epochs=EPOCHS, accelerator="
                     default_root_dir=OUT, accumulate_grad_batches=ACCUMULATE,
                     callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=OUT)])
 train = DataLoader(Indexed(N, 0), batch_size=BATCH, shuffle=True)
-val = DataLoader(Indexed(12, 1), batch_size=4)
+val = DataLoader(Indexed(12, 1), batch_size=2)
 trainer.fit(model, train, val)
 with open(os.path.join(OUT, f"final-{os.getpid()}.json"), "w") as f:
     json.dump({"rank": trainer.global_rank, "size": trainer.world_size,
@@ -122,10 +130,11 @@ def _replay(steps: dict[int, list[list[int]]], init: list[list[float]]) -> torch
     return torch.cat([w.detach().reshape(-1), b.detach().reshape(-1)])
 
 
-def _run(job, tmp_path: Path, np: int, *args: str) -> tuple[list[dict], dict, list[list[float]]]:
+def _run(job, tmp_path: Path, np: int, *args: str,
+         env: dict[str, str] | None = None) -> tuple[list[dict], dict, list[list[float]]]:
     out = tmp_path / "out"
     out.mkdir()
-    res = job(JOB, np, *args, script_args=(str(out),), timeout=150)
+    res = job(JOB, np, *args, script_args=(str(out),), timeout=150, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     finals = [json.loads(f.read_text()) for f in out.glob("final-*.json")]
     inits = {json.dumps(json.loads(f.read_text())) for f in out.glob("init-*.json")}
@@ -133,11 +142,18 @@ def _run(job, tmp_path: Path, np: int, *args: str) -> tuple[list[dict], dict, li
     return finals, _steps(out), json.loads(inits.pop())
 
 
+KILLS = {"step boundary": ((("--chaos", "kill:rank=1,step=5")), None),
+         "inside training_step": ((), {"KILL_AT": "train"}),
+         "inside validation": ((), {"KILL_AT": "val"})}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_fit_equals_one_process_and_survives_a_sigkill_mid_epoch(job, tmp_path) -> None:
+@pytest.mark.parametrize("where", list(KILLS))
+def test_fit_equals_one_process_and_survives_a_sigkill_mid_epoch(job, tmp_path, where) -> None:
     steps_per_epoch = -(-N // (BATCH * 3))
-    finals, steps, init = _run(job, tmp_path, 3, "--min-np", "2", "--chaos", "kill:rank=1,step=5")
+    args, env = KILLS[where]
+    finals, steps, init = _run(job, tmp_path, 3, "--min-np", "2", *args, env=env)
     assert len(finals) == 2, finals                       # the killed worker wrote nothing
     assert {f["size"] for f in finals} == {2}
     assert all(f["recoveries"] == 1 for f in finals)

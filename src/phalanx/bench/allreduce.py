@@ -23,7 +23,6 @@ import os
 import sys
 from typing import BinaryIO
 
-from ..errors import ConfigError
 from ..launch.supervisor import RunConfig, Supervisor
 from . import costmodel as cm
 from . import plots
@@ -192,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                  .split(",") if s]
     except ValueError as e:
         p.error(str(e))
-    try:
-        plots.check_path(a.plot)
-    except ConfigError as e:
-        p.error(str(e))
+    plots.check_plot_arg(p, a.plot)
     names = {h.name for h in hosts}
     uniform = len(names) > 1 and len({h.slots for h in hosts}) == 1 and hosts[0].slots > 1
     paths = (["phalanx", "flat"] + (["local"] if uniform and a.algo in ("auto", "hier") else [])

@@ -368,10 +368,7 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value in (("--steady", args.steady), ("--deadline", args.deadline)):
         if not (math.isfinite(value) and value > 0):
             p.error(f"argument {flag}: {value} must be a positive number of seconds")
-    try:
-        plots.check_path(args.plot)
-    except ConfigError as e:
-        p.error(str(e))
+    plots.check_plot_arg(p, args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
 from . import goodput_calib as calib
 from .goodput_models import STRATEGIES, Inputs, ettr, sensitivity, what_ifs
 from .goodput_params import RATES, FailureModel, control_plane_from_json
@@ -219,11 +218,8 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--soak-faults must be >= 2 and --soak-gap MIN MAX within 100 <= MIN <= MAX "
                 f"(shorter runs say little), got {a.soak_faults}, {a.soak_gap}")
     if a.plot:
-        from .plots import check_path
-        try:
-            check_path(a.plot)
-        except ConfigError as e:
-            p.error(str(e))
+        from .plots import check_plot_arg
+        check_plot_arg(p, a.plot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
 from . import iterative_spark, plots
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iterative_worker.py")
@@ -219,10 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
     _check(p, a)
-    try:
-        plots.check_path(a.plot)
-    except ConfigError as e:
-        p.error(str(e))
+    plots.check_plot_arg(p, a.plot)
     keep = a.dir is not None
     data = Path(a.dir) if keep else Path(tempfile.mkdtemp(prefix="phalanx-iterative-"))
     scratch = Path(tempfile.mkdtemp(prefix="phalanx-iterative-out-"))

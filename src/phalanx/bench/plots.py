@@ -47,6 +47,14 @@ def check_path(path: str | None) -> str | None:
     return path
 
 
+def check_plot_arg(parser: Any, path: str | None) -> None:
+    """`check_path` for an argparse parser: a bad --plot ends with the parser's usage error."""
+    try:
+        check_path(path)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
 def allreduce(result: dict[str, Any], path: str | Path) -> Path:
     """Bus bandwidth (GB/s) vs size, one line per path; the link limit when known."""
     plt = _pyplot()

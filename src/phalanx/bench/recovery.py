@@ -50,7 +50,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, Self
 
-from ..errors import ConfigError
 from . import plots
 
 HERE = Path(__file__).resolve().parent
@@ -663,10 +662,7 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "phalanx, torchrun, throughput")
     if a.keep and os.path.exists(a.keep):
         p.error(f"--keep {a.keep!r} already exists; name a new folder")
-    try:
-        plots.check_path(a.plot)
-    except ConfigError as e:
-        p.error(str(e))
+    plots.check_plot_arg(p, a.plot)
     a.skip = skip
     from .recovery_engines import validate
     validate(p, a)

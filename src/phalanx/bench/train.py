@@ -273,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"np={args.np}, steps={args.steps}, warmup={args.warmup}, "
                      f"repeat={args.repeat})")
     from phalanx.bench import plots  # not at the top: this file also runs as a script
-    from phalanx.errors import ConfigError
-    try:
-        plots.check_path(args.plot)
-    except ConfigError as e:
-        parser.error(str(e))
+    plots.check_plot_arg(parser, args.plot)
     rows = [_row(model, _measure(model, args), args) for model in models]
     _report(rows, args)
     if args.json:

@@ -17,19 +17,23 @@ CHECKPOINT_ERROR_POLICIES = ("fail", "warn")
 """What failed checkpoint saves do: fail the job after CHECKPOINT_MAX_FAILURES in a row, or warn."""
 CHECKPOINT_MAX_FAILURES = 3
 """Checkpoint saves that may fail in a row before the job fails (with 'fail')."""
+TIMEOUT = 30.0
+"""Default seconds a collective (or a coordinator request) waits on a peer: `Config.timeout`."""
+HEARTBEAT_TIMEOUT = 3.0
+"""Default seconds without a heartbeat before a worker is lost: `Config.heartbeat_timeout`."""
 
 
 @dataclass(kw_only=True, slots=True)
 class Config:
     """Runtime settings every worker of a job shares."""
 
-    timeout: float = 30.0
+    timeout: float = TIMEOUT
     """Seconds a collective may wait on a peer before it is declared lost (backstop for hangs)."""
 
     heartbeat_interval: float = 0.25
     """Seconds between a worker's heartbeats to the coordinator."""
 
-    heartbeat_timeout: float = 3.0
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     """Seconds without a heartbeat after which the coordinator declares a worker lost and fences it."""
 
     allreduce_algo: str = "auto"
@@ -82,9 +86,9 @@ class Config:
     def from_env(cls, **overrides: object) -> Config:
         """Defaults, then PHALANX_* environment variables, then explicit keyword overrides."""
         values: dict[str, object] = {
-            "timeout": env.get_float(env.TIMEOUT, 30.0),
+            "timeout": env.get_float(env.TIMEOUT, TIMEOUT),
             "heartbeat_interval": env.get_float(env.HEARTBEAT_INTERVAL, 0.25),
-            "heartbeat_timeout": env.get_float(env.HEARTBEAT_TIMEOUT, 3.0),
+            "heartbeat_timeout": env.get_float(env.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT),
             "allreduce_algo": env.get_str(env.ALLREDUCE_ALGO, "auto"),
             "shm_max_bytes": env.get_int(env.SHM_MAX_BYTES, 64 << 20),
             "hier_min_bytes": env.get_int(env.HIER_MIN_BYTES, 4 << 20),

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..config import HEARTBEAT_TIMEOUT
 from ..errors import ConfigError
 from . import control_plane_inproc, plots
 from .control_plane_coord import Child, ChildGone
@@ -37,7 +38,6 @@ from .control_plane_sim import worker_ids
 
 HOLD = 0.25
 """Seconds the coordinator may hold a beat's reply (the workers' default heartbeat interval)."""
-HEARTBEAT_TIMEOUT = 3.0
 SETTLE = 1.0
 POLL = 0.2
 """Seconds between the driver's looks at the generators while a phase runs."""

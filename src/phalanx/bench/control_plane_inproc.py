@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from ..config import HEARTBEAT_TIMEOUT
 from ..coord.membership import Membership
 from ..coord.protocol import MAX_HEADER, MAX_PAYLOAD, PREFIX_BYTES, TAG_BYTES
 from ..coord.waits import Wait
@@ -49,7 +50,7 @@ def _form(m: Membership, generation: int) -> float:
 def costs(n: int, per_host: int) -> dict[str, Any]:
     """One in-process run for N workers (see the module docstring)."""
     m = Membership(target_np=n, min_np=max(1, n - per_host - 1), max_np=n,
-                   heartbeat_timeout=3.0, settle=1.0, fence=None, stopped_timeout=0.3,
+                   heartbeat_timeout=HEARTBEAT_TIMEOUT, settle=1.0, fence=None, stopped_timeout=0.3,
                    probe_stopped=None, stop=threading.Event())
     m.quiet()
     ids = [f"h{i // per_host}-w{i % per_host}" for i in range(n)]

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import HEARTBEAT_TIMEOUT
 from .recovery import (
     WAIT_S,
     BenchError,
@@ -68,9 +69,6 @@ NEEDS = {"ray": "ray", "spark": "pyspark", "raytrain": "ray.train.torch"}
 START_WAIT_S = 300.0
 """Longest wait for an engine's first full-strength step (Ray or a JVM starting, then every
 worker importing torch, on a small machine)."""
-HEARTBEAT_TIMEOUT = 3.0
-"""phalanx.ray / phalanx.spark heartbeat_timeout (their default): a SIGKILL is seen at once
-(closed sockets) anyway; a longer timeout keeps a starved worker from a false loss."""
 WORKER_MARKERS = {"ray": "ray::", "spark": "pyspark", "raytrain": "ray::"}
 """A word in the command line of the engine's worker processes (for the last-resort cleanup)."""
 

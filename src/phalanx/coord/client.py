@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..config import TIMEOUT
 from ..errors import AuthenticationError, JobFinished, RendezvousError
 from .mux import Mux
 from .protocol import MAX_HOLD, NONCE_BYTES, Channel, connection_key, recv_exact
@@ -82,7 +83,7 @@ class CoordClient:
     heartbeats. Thread-safe; store calls block the calling thread."""
 
     def __init__(self, addr: str, secret: str, worker: str, *, connect_timeout: float = 10.0,
-                 reply_timeout: float = 30.0) -> None:
+                 reply_timeout: float = TIMEOUT) -> None:
         self.addr = addr
         self.reply_timeout = reply_timeout
         self.worker = worker
@@ -140,7 +141,7 @@ class CoordClient:
     def set(self, key: str, value: bytes) -> None:
         self._checked({"op": "set", "key": key}, value)
 
-    def get(self, key: str, timeout: float = 30.0) -> bytes:
+    def get(self, key: str, timeout: float = TIMEOUT) -> bytes:
         return self._checked({"op": "get", "key": key, "timeout": timeout})[1]
 
     def add(self, key: str, amount: int) -> int:
@@ -149,7 +150,7 @@ class CoordClient:
     def check(self, keys: list[str]) -> bool:
         return bool(self._checked({"op": "check", "keys": keys})[0]["value"])
 
-    def wait(self, keys: list[str], timeout: float = 30.0) -> None:
+    def wait(self, keys: list[str], timeout: float = TIMEOUT) -> None:
         self._checked({"op": "wait", "keys": keys, "timeout": timeout})
 
     def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:

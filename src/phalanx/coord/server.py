@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import HEARTBEAT_TIMEOUT
 from ..errors import ConfigError
 from .eventloop import Conn, EventLoop
 from .membership import FenceFn, Membership, World
@@ -142,7 +143,7 @@ class CoordServer:
 
     def __init__(self, secret: str, *, host: str = "127.0.0.1", port: int = 0,
                  target_np: int = 1, min_np: int | None = None, max_np: int | None = None,
-                 heartbeat_timeout: float = 3.0, settle: float = 1.0,
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT, settle: float = 1.0,
                  fence: FenceFn | None = None,
                  probe_stopped: Callable[[str, int], bool] | None = None,
                  stopped_timeout: float = 0.3, limits: ConnectionLimits | None = None) -> None:

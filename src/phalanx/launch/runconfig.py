@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import env
+from ..config import HEARTBEAT_TIMEOUT, TIMEOUT
 from ..errors import ConfigError
 from .hosts import HostSlots
 from .remote import AgentStarter
@@ -30,10 +31,10 @@ class RunConfig:
     """How many times lost workers are respawned in total."""
     retry_errors: int = 0
     """How many exceptions raised by workers are treated as faults (default 0: a bug fails)."""
-    timeout: float = 30.0
+    timeout: float = TIMEOUT
     """Collective timeout in seconds (PHALANX_TIMEOUT); also how long peers may wait in a
     collective for a live worker that never arrives before it is declared hung and fenced."""
-    heartbeat_timeout: float = 3.0
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     """Seconds of heartbeat silence before a worker is declared lost and fenced."""
     chaos: str | None = None
     """Fault-injection spec handed to workers (PHALANX_CHAOS)."""

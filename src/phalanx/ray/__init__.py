@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..config import HEARTBEAT_TIMEOUT, TIMEOUT
 from .errors import JobFailed, WorkerError
 
 __all__ = ["JobFailed", "WorkerError", "run"]
@@ -32,7 +33,7 @@ __all__ = ["JobFailed", "WorkerError", "run"]
 def run(fn: Callable[..., Any], *, num_workers: int, min_workers: int | None = None,
         max_restarts: int = 0, resources_per_worker: dict[str, float] | None = None,
         args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
-        timeout: float = 30.0, heartbeat_timeout: float = 3.0,
+        timeout: float = TIMEOUT, heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         placement_timeout: float = 120.0) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on `num_workers` Ray actors as one phalanx job.
 

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from .. import env
+from ..config import HEARTBEAT_TIMEOUT, TIMEOUT
 from ..errors import ConfigError
 
 DEFAULT_RESOURCES: dict[str, float] = {"CPU": 1.0}
@@ -43,9 +44,9 @@ class RunSpec:
     """Replacement actors started in all for workers that were lost (faults only)."""
     resources_per_worker: dict[str, float] | None = None
     """Ray resources of each worker's bundle, e.g. {'CPU': 4, 'GPU': 1}; CPU defaults to 1."""
-    timeout: float = 30.0
+    timeout: float = TIMEOUT
     """Collective timeout in seconds (PHALANX_TIMEOUT), as `phalanx run --timeout`."""
-    heartbeat_timeout: float = 3.0
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     """Seconds of heartbeat silence before the coordinator declares a worker lost."""
     placement_timeout: float = 120.0
     """Seconds to wait for the placement group (and the first actors) to be placed."""

@@ -70,8 +70,8 @@ instead of per test; every other check stays per test (it is per process)."""
 # Tests that must not overlap run on one xdist worker at a time (`--dist loadgroup`): the Slurm
 # cluster (one slurmctld on this machine), the other simulated-hosts tests (link shaping and
 # timing-sensitive host losses), and the engines (a local Ray, a Spark local-cluster).
-_ENGINE_FILES = ("test_ray.py", "test_spark.py", "test_bench_iterative.py",
-                 "test_bench_recovery_engines.py")
+_ENGINE_FILES = ("test_ray.py", "test_spark.py", "test_spark_standalone.py",
+                 "test_bench_iterative.py", "test_bench_recovery_engines.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

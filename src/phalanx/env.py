@@ -1,7 +1,8 @@
 """The one place PHALANX_* environment variables are named and read.
 
 The launcher writes these for each worker; `phalanx.init()` reads them. Nothing else in the
-package touches os.environ for phalanx settings.
+package touches os.environ for phalanx settings. The variables other starters' scripts read
+(Horovod's HOROVOD_RANK..., torchrun's RANK, MASTER_ADDR...) are named and built here too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ CHECKPOINT_ERRORS = "PHALANX_CHECKPOINT_ERRORS"
 """`phalanx run --checkpoint-errors`: 'fail' (default) or 'warn' when checkpoint saves fail."""
 HOROVOD_TIMELINE = "HOROVOD_TIMELINE"
 """Horovod's name for the timeline file; honoured when PHALANX_TIMELINE is unset."""
+TORCH_RANK = "RANK"
+TORCH_WORLD_SIZE = "WORLD_SIZE"
+TORCH_LOCAL_RANK = "LOCAL_RANK"
+TORCH_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+TORCH_MASTER_ADDR = "MASTER_ADDR"
+TORCH_MASTER_PORT = "MASTER_PORT"
+"""torch.distributed's env:// rendezvous variables, as torchrun sets them (`torch_vars`). Under
+`phalanx run` they never decide what `px.init()` does: PHALANX_COORD_ADDR is read first."""
 
 ALL = (RANK, SIZE, LOCAL_RANK, LOCAL_SIZE, WORKER_ID, COORD_ADDR, SECRET, JOB_ID, HOST,
        BIND_ADDR, TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, STARTER, ERROR_FILE, ALLREDUCE_ALGO, SHM_MAX_BYTES,
@@ -119,3 +128,16 @@ def horovod_vars(rank: int, size: int, local_rank: int, local_size: int) -> dict
     `phalanx.horovod.torch.init()` rewrites them with the job's real placement."""
     return {"HOROVOD_RANK": str(rank), "HOROVOD_SIZE": str(size),
             "HOROVOD_LOCAL_RANK": str(local_rank), "HOROVOD_LOCAL_SIZE": str(local_size)}
+
+
+def torch_vars(rank: int, size: int, local_rank: int, local_size: int, *, master_addr: str,
+               master_port: int) -> dict[str, str]:
+    """What torchrun sets for a worker, so `dist.init_process_group("gloo")` (env://) works
+    unchanged: the rank it was started as, and where rank 0's process hosts the TCPStore.
+
+    Static only: they describe the job as launched. A script that rendezvous through them has a
+    fixed membership, so a lost worker fails its job, as under torchrun; the elastic path is
+    `px.init()`, which ignores them under `phalanx run`."""
+    return {TORCH_RANK: str(rank), TORCH_WORLD_SIZE: str(size), TORCH_LOCAL_RANK: str(local_rank),
+            TORCH_LOCAL_WORLD_SIZE: str(local_size), TORCH_MASTER_ADDR: master_addr,
+            TORCH_MASTER_PORT: str(master_port)}

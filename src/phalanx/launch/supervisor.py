@@ -47,6 +47,13 @@ def _log_to_stderr() -> None:
         coord_log.propagate = False
 
 
+def _free_port() -> int:
+    """A TCP port free on this host now (it may be taken before a worker binds it: rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
 class Supervisor:
     """Runs one local job to completion; `run()` returns the launcher's exit code."""
 
@@ -66,6 +73,8 @@ class Supervisor:
         self.exits: list[report.Exit] = []
         self.restarts = 0
         self.host = socket.gethostname()
+        self._master_port = 0 if cfg.hosts else _free_port()
+        """MASTER_PORT of a local job: where rank 0 hosts torch's TCPStore (env.torch_vars)."""
         self.server = CoordServer(self._secret, host=cfg.bind, target_np=cfg.np,
                                   min_np=cfg.min_np, max_np=cfg.max_np,
                                   heartbeat_timeout=cfg.heartbeat_timeout, settle=5.0,
@@ -115,7 +124,9 @@ class Supervisor:
                 env.HEARTBEAT_TIMEOUT: str(cfg.heartbeat_timeout), env.ERROR_FILE: error_file,
                 env.ELASTIC: "1" if cfg.elastic else "0", "PYTHONUNBUFFERED": "1",
                 env.GROWTH: "1" if cfg.can_grow else "0",
-                **env.horovod_vars(slot, cfg.np, slot, cfg.np)}
+                **env.horovod_vars(slot, cfg.np, slot, cfg.np),
+                **env.torch_vars(slot, cfg.np, slot, cfg.np, master_addr="127.0.0.1",
+                                 master_port=self._master_port)}
         if cfg.chaos:
             wenv[env.CHAOS] = cfg.chaos
         if cfg.bind not in ("127.0.0.1", "::1", "localhost"):

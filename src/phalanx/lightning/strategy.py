@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.loops.optimization.automatic import Closure, ClosureResult
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 import phalanx as px
@@ -200,6 +201,7 @@ class PhalanxStrategy(ParallelStrategy):
         record_recovery(state, step=state.step, **info)
         self.recoveries.append(info)
         ahead = state.step - before
+        rank_zero_only.rank = self.global_rank  # ranks are renumbered: rank-0 logging follows
         if sampler is not None:
             sampler.skip_committed(ahead)
         if self.is_global_zero:

@@ -7,6 +7,7 @@ the one barrier mode checks) with a fallback when a Spark version lacks them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -18,10 +19,13 @@ if TYPE_CHECKING:
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-SLOT_WAIT = 30.0
-"""Seconds `wait_for_slots` waits for executors to register while the cluster is short."""
-SLOT_STEADY = 3.0
-"""Seconds without a change in the slot count after which waiting longer is pointless."""
+log = logging.getLogger("phalanx.spark")
+
+SLOT_WAIT = 60.0
+"""Default seconds `run` waits for executors to register while the cluster has fewer task
+slots than the call needs (`phalanx.spark.run(slot_timeout=...)`)."""
+SLOT_LOG_EVERY = 10.0
+"""Seconds between the 'waiting for N task slots, have M' lines while the count holds."""
 
 
 def session(spark: SparkSession | None) -> SparkSession:
@@ -68,33 +72,63 @@ def task_slots(spark: Any = None) -> int:
         return int(sc.defaultParallelism) // max(1, cpus)
 
 
-def wait_for_slots(sc: SparkContext, needed: int, *, wait: float = SLOT_WAIT) -> int:
-    """Return the slot count once it reaches `needed`; raise a ConfigError if it does not
-    within `wait` seconds (sooner once it has held steady for SLOT_STEADY seconds)."""
+def wait_for_slots(sc: SparkContext, needed: int, *, timeout: float = SLOT_WAIT) -> int:
+    """Return the slot count once it reaches `needed`, waiting up to `timeout` seconds for
+    executors to register (logging why it waits); a ConfigError if it does not, at once when
+    a local master can never have that many."""
     t0 = time.monotonic()
     slots = task_slots(sc)
-    last, changed = slots, t0
+    if slots >= needed:
+        return slots
+    most = most_slots(sc)
+    if most is not None and most < needed:
+        raise _short(sc, needed, most, f"and master {sc.master!r} never has more. Pass "
+                     f"num_workers <= {most}, or start Spark with more cores")
+    log.info("waiting for %d task slots, have %d (executors still registering; up to "
+             "slot_timeout=%gs)", needed, slots, timeout)
+    last, said = slots, t0
     while slots < needed:
         now = time.monotonic()
-        if now - t0 >= wait or (slots > 0 and now - changed >= SLOT_STEADY):
-            conf = sc.getConf()
-            cpus = conf.get("spark.task.cpus", "1")
-            dynamic = (conf.get("spark.dynamicAllocation.enabled", "false") or "").lower()
-            hint = (" With dynamic allocation, set spark.dynamicAllocation.minExecutors so the "
-                    "slots exist before the job starts." if dynamic == "true" else "")
-            raise ConfigError(
-                f"num_workers={needed} needs {needed} Spark task slots running at once (every "
-                f"worker of a phalanx job runs at the same time), but the cluster has {slots} "
-                f"(executor cores / spark.task.cpus={cpus}, master {sc.master!r}). Pass "
-                f"num_workers <= {slots}, or add executors or cores.{hint}")
+        if now - t0 >= timeout:
+            raise _short(sc, needed, slots, f"after waiting slot_timeout={timeout:g}s. Pass "
+                         f"slot_timeout=... (seconds) to wait longer for executors to "
+                         f"register, or add executors or cores, or pass num_workers <= "
+                         f"{slots}")
+        if slots != last or now - said >= SLOT_LOG_EVERY:
+            log.info("waiting for %d task slots, have %d (%.0fs of slot_timeout=%gs)", needed,
+                     slots, now - t0, timeout)
+            last, said = slots, now
         time.sleep(0.2)
         slots = task_slots(sc)
-        if slots != last:
-            last, changed = slots, time.monotonic()
+    log.info("have %d task slots after %.1fs", slots, time.monotonic() - t0)
     return slots
 
 
+def most_slots(sc: SparkContext) -> int | None:
+    """The most task slots a local master will ever have (None for a cluster manager, where
+    more executors may register): local[N] has them at once, local-cluster[E,C,M] E*C."""
+    master = str(sc.master).strip()
+    m = _LOCAL_CLUSTER.match(master)
+    if m is not None:
+        cpus = int(sc.getConf().get("spark.task.cpus", "1") or 1)
+        return int(m.group(1)) * int(m.group(2)) // max(1, cpus)
+    return task_slots(sc) if _LOCAL.match(master) else None
+
+
+def _short(sc: SparkContext, needed: int, slots: int, fix: str) -> ConfigError:
+    conf = sc.getConf()
+    cpus = conf.get("spark.task.cpus", "1")
+    dynamic = (conf.get("spark.dynamicAllocation.enabled", "false") or "").lower()
+    hint = (" With dynamic allocation, set spark.dynamicAllocation.minExecutors so the slots "
+            "exist before the job starts." if dynamic == "true" else "")
+    return ConfigError(
+        f"num_workers={needed} needs {needed} Spark task slots running at once (every worker "
+        f"of a phalanx job runs at the same time), but the cluster has {slots} (executor cores "
+        f"/ spark.task.cpus={cpus}, master {sc.master!r}) {fix}.{hint}")
+
+
 _LOCAL = re.compile(r"local(\[(?P<n>[0-9*]+)(\s*,\s*(?P<f>[0-9]+))?\])?$")
+_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]$")
 
 
 def max_task_attempts(sc: SparkContext) -> int:

@@ -26,10 +26,11 @@ group is cancelled (Spark kills what still runs), the coordinator is stopped, an
 shared-memory segments on the driver's host are removed. The driver logs one line per
 generation (logger ``phalanx.spark``); the workers' own output stays in the executors' logs.
 
-Limits: every worker must run at once, so the call first checks that the cluster has
-`num_workers` task slots. A worker hung with its whole process (SIGSTOP) is declared lost
-and left behind by its peers, but only the end of the call kills it (no starter on its host
-can see it). Segments of workers killed on other hosts are left to those hosts (workers
+Limits: every worker must run at once, so the call first waits (up to `slot_timeout`, logging
+'waiting for N task slots, have M') until the cluster has `num_workers` task slots: executors
+of a cluster that just started register one by one. A worker hung with its whole process
+(SIGSTOP) is declared lost and left behind by its peers, but only the end of the call kills it
+(no starter on its host can see it). Segments of workers killed on other hosts are left to those hosts (workers
 remove their own when they leave). The job secret travels inside the pickled tasks: enable
 Spark's RPC encryption (spark.network.crypto.enabled) on networks you do not trust.
 """
@@ -55,7 +56,7 @@ __all__ = ["JobFailed", "WorkerError", "run"]
 def run(fn: Callable[..., Any], *, num_workers: int, min_workers: int | None = None,
         args: tuple[Any, ...] | list[Any] = (), kwargs: dict[str, Any] | None = None,
         spark: SparkSession | None = None, timeout: float = 30.0,
-        heartbeat_timeout: float = 3.0) -> list[Any]:
+        heartbeat_timeout: float = 3.0, slot_timeout: float = cluster.SLOT_WAIT) -> list[Any]:
     """Run `fn(*args, **kwargs)` as `num_workers` phalanx workers, one per Spark task.
 
     `px.init()` inside fn joins the job. Returns what the workers that finished returned, in
@@ -63,17 +64,19 @@ def run(fn: Callable[..., Any], *, num_workers: int, min_workers: int | None = N
     survivors continue without rollback when at least `min_workers` (default `num_workers`)
     are left, and Spark's task retries join as replacements. `timeout` is the collective
     timeout (PHALANX_TIMEOUT); `heartbeat_timeout` the silence after which a worker is
-    declared lost.
+    declared lost. `slot_timeout` is how long the call waits, before starting any worker, for
+    executors to register until the cluster has `num_workers` task slots (a local master that
+    can never have them fails at once).
 
     Raises `WorkerError` when fn raised on a worker (whatever spark.task.maxFailures allows),
     `JobFailed` when fewer than `min_workers` workers remain or a job that cannot recover lost
     a worker, and `phalanx.ConfigError` for a bad argument, no SparkSession, or fewer task
-    slots than `num_workers`.
+    slots than `num_workers` after `slot_timeout` seconds.
     """
-    _check(fn, num_workers, min_workers, args, kwargs, timeout, heartbeat_timeout)
+    _check(fn, num_workers, min_workers, args, kwargs, timeout, heartbeat_timeout, slot_timeout)
     kwargs = dict(kwargs or {})
     sc = cluster.session(spark).sparkContext
-    cluster.wait_for_slots(sc, num_workers)
+    cluster.wait_for_slots(sc, num_workers, timeout=float(slot_timeout))
     _restore_datasets(args, kwargs)
     _check_pickles(fn, tuple(args), kwargs)
     job = SparkJob(sc, fn, tuple(args), kwargs, num_workers=num_workers,
@@ -83,7 +86,7 @@ def run(fn: Callable[..., Any], *, num_workers: int, min_workers: int | None = N
 
 
 def _check(fn: Any, num_workers: Any, min_workers: Any, args: Any, kwargs: Any,
-           timeout: Any, heartbeat_timeout: Any) -> None:
+           timeout: Any, heartbeat_timeout: Any, slot_timeout: Any) -> None:
     if not callable(fn):
         raise ConfigError(f"fn={fn!r} is not callable; pass the function each worker runs")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -101,6 +104,10 @@ def _check(fn: Any, num_workers: Any, min_workers: Any, args: Any, kwargs: Any,
     for name, value in (("timeout", timeout), ("heartbeat_timeout", heartbeat_timeout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(f"{name}={value!r} must be a positive number of seconds")
+    if isinstance(slot_timeout, bool) or not isinstance(slot_timeout, (int, float)) or not (
+            slot_timeout >= 0):
+        raise ConfigError(f"slot_timeout={slot_timeout!r} must be a number of seconds >= 0 (how "
+                          f"long to wait for executors to register; default {cluster.SLOT_WAIT:g})")
     # What every worker's px.init() will check, checked once here (e.g. against the interval).
     Config.from_env(timeout=float(timeout), heartbeat_timeout=float(heartbeat_timeout))
 

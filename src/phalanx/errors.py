@@ -19,6 +19,28 @@ class JobFinished(RendezvousError):
     """A worker tried to join after every member had finished; there is nothing left to do."""
 
 
+class EtcdError(RendezvousError):
+    """etcd answered with an error (bad request, permission, lease not found, ...)."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EtcdUnavailable(EtcdError):
+    """No etcd endpoint could serve the request within the client's timeout."""
+
+
+class EtcdIndeterminate(EtcdUnavailable):
+    """A transaction was sent but its answer was lost: it may or may not have been applied.
+    Read the keys it touched to learn the outcome; never blindly resend it."""
+
+
+class LeadershipLost(RendezvousError):
+    """A fenced write was refused, or a campaign did not win in time: this process does not
+    lead the job (any more). Stop acting as coordinator; campaign again if it should."""
+
+
 class CollectiveMismatch(PhalanxError):
     """Ranks called a collective with a different op, shape, dtype or name."""
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .member_ops import MemberOps
@@ -21,6 +21,9 @@ from .reports import ReportOps
 from .starters import StarterOps
 from .store_ops import BadRequest, StoreOps, _int, _str
 from .waits import NEWS, WORLD, Answer, Reply, member_topic, starter_topic
+
+if TYPE_CHECKING:
+    from .durable import DurableRecord
 
 log = logging.getLogger("phalanx.coord")
 
@@ -97,6 +100,9 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         self._last_form_try = 0.0
         self._status_cache: dict[int, dict[str, Any]] = {}
         self._roster: tuple[int, bytes] | None = None
+        self.durable: DurableRecord | None = None
+        """With --etcd: a generation forms only once its record is written there."""
+        self._proposed: World | None = None
 
     # ----------------------------------------------------------------- decisions from outside
     def fail(self, reason: str) -> None:
@@ -216,6 +222,8 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
                                                             self.straggler_timeout))
             if self._wait_since is not None:  # someone waits: the settle time may have passed
                 self._maybe_form()
+            if self.durable is not None:
+                self.durable.note_step(self.max_step)
         for decision in decisions:
             for w in decision.members if decision.act else []:
                 self.declare_lost(w, decision.reason)
@@ -344,9 +352,37 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         late = [w for w in prev if self.members[w].alive and w not in picked]
         order = policy.order_world(chosen, prev)
         gen = (self.world.generation if self.world else 0) + 1
-        self.world = World(generation=gen, workers=order,
-                           hosts=[self.members[w].host for w in order],
-                           kept=[r for r, w in enumerate(prev) if w in picked])
+        world = World(generation=gen, workers=order, hosts=[self.members[w].host for w in order],
+                      kept=[r for r, w in enumerate(prev) if w in picked])
+        if self.durable is not None:
+            self._propose(world, late, decision.reason)
+        else:
+            self._install(world, late, decision.reason)
+
+    def _propose(self, world: World, late: list[str], reason: str) -> None:
+        """--etcd: write the generation's record first; it forms once the write lands, so
+        while etcd is away survivors wait and nothing forms (lock held)."""
+        durable = self.durable
+        if self._proposed is not None or durable is None or durable.fenced:
+            return
+        self._proposed = world
+
+        def written(ok: bool) -> None:
+            with self.cv:
+                self._proposed = None
+                if ok and self.failed is None and all(
+                        self.members[w].alive for w in world.workers):
+                    self._install(world, late, reason)
+                else:
+                    self._form_due = True  # the next pass proposes afresh
+
+        durable.propose({"generation": world.generation, "workers": world.workers,
+                         "hosts": world.hosts, "kept": world.kept, "reason": reason}, written)
+
+    def _install(self, world: World, late: list[str], reason: str) -> None:
+        """Make `world` the current generation and answer its members (lock held)."""
+        gen, order = world.generation, world.workers
+        self.world = world
         for w in order:
             self.members[w].waiting = False
         self.formed.update(order)
@@ -356,8 +392,8 @@ class Membership(MemberOps, StoreOps, StarterOps, ReportOps):
         for k in [k for k in self.kv if k.startswith("g") and k.split("/", 1)[0][1:].isdigit()
                   and int(k.split("/", 1)[0][1:]) < gen - 1]:
             del self.kv[k]
-        self._event("generation", generation=gen, workers=order, reason=decision.reason)
-        log.info("generation %d formed with %d workers: %s", gen, len(order), decision.reason)
+        self._event("generation", generation=gen, workers=order, reason=reason)
+        log.info("generation %d formed with %d workers: %s", gen, len(order), reason)
         self.wake((WORLD,))
         for w in late:
             self.declare_lost(w, f"did not re-form with its peers within {self.settle:.1f}s; "

@@ -27,6 +27,7 @@ def chaos_help() -> dict[str, str]:
 
 
 def _run_parser() -> _Parser:
+    from ..config import HEARTBEAT_TIMEOUT, TIMEOUT
     p = _Parser(
         prog="phalanx run",
         description="Run a Python script on N workers with fault-tolerant collectives. The "
@@ -50,10 +51,11 @@ def _run_parser() -> _Parser:
                    help="most workers one generation may hold when workers join (default: N)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="respawn lost workers up to K times in total (default 0)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SEC",
-                   help="collective timeout before a silent peer counts as lost (default 30)")
-    p.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SEC",
-                   help="heartbeat silence before a worker is declared lost and fenced (default 3); a "
+    p.add_argument("--timeout", type=float, default=TIMEOUT, metavar="SEC",
+                   help="collective timeout before a silent peer counts as lost (default %(default)g)")
+    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT, metavar="SEC",
+                   help="heartbeat silence before a worker is declared lost and fenced (default "
+                        "%(default)g); a "
                         "worker whose process is stopped (SIGSTOP) is fenced after 0.3 s")
     p.add_argument("--retry-errors", type=int, default=0, metavar="K",
                    help="treat up to K exceptions raised by workers as faults (e.g. flaky I/O): "
@@ -96,6 +98,16 @@ def _run_parser() -> _Parser:
     p.add_argument("--bind", default=None, metavar="ADDR",
                    help="address the coordinator listens on (default 127.0.0.1, or with remote "
                         "hosts the local address that routes to them)")
+    p.add_argument("--etcd", default=None, metavar="HOST:PORT,...",
+                   help="keep the job's membership (leader, generations, step, outcome) in this "
+                        "etcd cluster; losing its quorum pauses membership changes, never "
+                        "training (default: the embedded coordinator only)")
+    p.add_argument("--etcd-cacert", default=None, metavar="FILE",
+                   help="CA bundle for etcd's TLS (as etcdctl --cacert)")
+    p.add_argument("--etcd-cert", default=None, metavar="FILE",
+                   help="client certificate for etcd (as etcdctl --cert)")
+    p.add_argument("--etcd-key", default=None, metavar="FILE",
+                   help="client key for etcd (as etcdctl --key)")
     p.add_argument("--join-file", default=None, metavar="PATH",
                    help="write the coordinator address and job secret to PATH (mode 0600) so "
                         "more workers can join with `phalanx join PATH script.py` (with --max-np)")
@@ -172,8 +184,19 @@ def run_main(argv: list[str]) -> int:
                     ssh_config=a.ssh_config, agent_starter=starter,
                     host_cooldown=a.host_cooldown, timeline=a.timeline, metrics=a.metrics,
                     progress=a.progress, extra_env={**_explicit_env(a.env, p),
-                                                     **_checkpoint_env(a)})
+                                                     **_checkpoint_env(a)},
+                    etcd=_etcd(a, p))
     return Supervisor(cfg).run()
+
+
+def _etcd(a: argparse.Namespace, p: _Parser) -> Any:
+    """--etcd and its TLS options as settings (None without --etcd); bad ones end in usage."""
+    from ..errors import ConfigError
+    from .etcdjob import settings
+    try:
+        return settings(a.etcd, a.etcd_cacert, a.etcd_cert, a.etcd_key)
+    except ConfigError as e:
+        p.error(str(e))
 
 
 def _explicit_env(specs: list[str], p: _Parser) -> dict[str, str]:
@@ -275,6 +298,7 @@ def join_main(argv: list[str]) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     a = p.parse_args(argv)
     import json
+
     from .procs import read_private
     try:
         info = json.loads(read_private(a.join_file, "join file"))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .. import env
 from ..config import HEARTBEAT_TIMEOUT, TIMEOUT
+from ..coord.durable import EtcdSettings
 from ..errors import ConfigError
 from .hosts import HostSlots
 from .remote import AgentStarter
@@ -60,6 +61,8 @@ class RunConfig:
     """Append every worker's per-step metrics here, as JSON lines."""
     progress: float | None = None
     """Print a progress line every this many seconds."""
+    etcd: EtcdSettings | None = None
+    """Keep the job's membership in this etcd (`--etcd`); None: the embedded coordinator only."""
 
     def __post_init__(self) -> None:
         if self.progress is not None and not self.progress > 0:

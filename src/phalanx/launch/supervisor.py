@@ -23,10 +23,12 @@ import time
 from typing import IO
 
 from .. import env
+from ..coord.durable import DurableRecord
 from ..coord.protocol import new_secret
 from ..coord.server import CoordServer
+from ..errors import PhalanxError
 from ..observe.timeline import merge as merge_timeline
-from . import procs, report
+from . import etcdjob, procs, report
 from .procs import CHILD, write_join_file
 from .remote import AgentFleet
 from .runconfig import RunConfig
@@ -85,11 +87,15 @@ class Supervisor:
                                 secret=self._secret, job_id=self.job_id, cfg=cfg,
                                 address=self.server.address, out=self._sink(self._out),
                                 err=self._sink(self._err), say=self._note) if cfg.hosts else None
+        self.durable: DurableRecord | None = None
+        """With --etcd: the job's record there, written while this coordinator leads."""
+        self._summary = ""
         self.chaos_timer = TimedChaos(cfg.chaos, np=cfg.np, pid_of=self._pid_of,
                                       on_fire=lambda _rule, line: self._note(line))
 
     # ------------------------------------------------------------------ output
     def say(self, msg: str) -> None:
+        self._summary = msg  # the last line said is the job's summary (--etcd records it)
         with self._print_lock:
             self._err.write(f"[phalanx] {msg}\n".encode())
             self._err.flush()
@@ -209,15 +215,28 @@ class Supervisor:
         if cfg.join_file:
             write_join_file(cfg.join_file, self.server.address, self._secret, self.job_id,
                             self.host)
+        rc = 1
         try:
+            if cfg.etcd is not None:
+                self.durable = etcdjob.lead(cfg.etcd, job_id=self.job_id, host=self.host,
+                                            address=self.server.address,
+                                            job={"np": cfg.np, "min_np": cfg.min_np,
+                                                 "program": cfg.script})
+                self.server.membership.durable = self.durable
             if self.fleet is not None:
                 self.fleet.start()
             else:
                 for slot in range(cfg.np):
                     self._spawn(slot, 0)
-            return self._supervise()
+            rc = self._supervise()
+            return rc
+        except PhalanxError as e:
+            self.say(f"job failed: {e}")
+            return 2
         finally:
             self._stop_workers(grace=2.0)
+            if self.durable is not None:
+                self.durable.close(outcome=etcdjob.outcome(rc, self._summary))
             self.server.stop()
             for t in [t for w in self._all() for t in w.pumps]:
                 t.join(timeout=2)

@@ -88,17 +88,33 @@ def test_job_records_membership_in_etcd_and_survives_a_member_kill(own_etcd_clus
                                  "--chaos", "kill:rank=1,step=25", JOB, str(tmp_path), "3", "0.03"),
                             env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    attach = None
     try:
         _wait(join.exists, 60, "the join file")
         secret = json.loads(join.read_text())["secret"]
+        (job,) = _records(cluster)  # its record is there before any worker starts
+        attach = subprocess.Popen([sys.executable, "-m", "phalanx.launch.cli", "attach",
+                                   "--etcd", ",".join(cluster.endpoints), job], env=_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait(lambda: _lines(tmp_path / "samples.w0.jsonl") >= 5, 60, "training to start")
         cluster.kill(cluster.leader())  # the raft leader: nothing the job does may notice
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
+        followed, attach_err = attach.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+        if attach is not None and attach.poll() is None:
+            attach.kill()
+            attach.communicate()
     assert proc.returncode == 0, err[-3000:]
+    # `phalanx attach` followed it from outside: the re-formation, then the launcher's summary
+    assert attach.returncode == 0, followed + attach_err
+    assert "generation 2 formed with 2 worker(s)" in followed, followed
+    assert followed.strip().splitlines()[-1] == err.strip().splitlines()[-1], (followed, err)
+    listing = run_cmd([sys.executable, "-m", "phalanx.launch.cli", "attach", "--etcd",
+                       ",".join(cluster.endpoints)], tmp_path, 30, _env())
+    assert listing.stdout.startswith(f"{job}: ended, generation 2 with 2 worker(s)"), listing
     assert "etcd unavailable" not in err
     (rec,) = _records(cluster).values()
     assert "leader" not in rec  # the coordinator resigned at the end
@@ -133,7 +149,7 @@ def test_quorum_loss_pauses_membership_changes_never_training(own_etcd_cluster, 
         assert _lines(w0) == stalled, "a generation formed while etcd had no quorum"
         cluster.restart_all()
         _wait(lambda: _lines(w0) > stalled, 30, "training to resume once quorum returned")
-        out, err = proc.communicate(timeout=150)
+        _out, err = proc.communicate(timeout=150)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -317,6 +317,22 @@ def join_main(argv: list[str]) -> int:
         return 1
 
 
+def attach_main(argv: list[str]) -> int:
+    """`phalanx attach --etcd H:P,... [JOB]`: follow a job recorded in etcd, from any host."""
+    p = _Parser(prog="phalanx attach",
+                description="Follow a job started with `phalanx run --etcd` from any host: its "
+                            "generations, progress and final one-line summary (exit status: "
+                            "the job's). Without JOB, list the jobs recorded there.")
+    p.add_argument("--etcd", required=True, metavar="HOST:PORT,...", help="the job's etcd")
+    p.add_argument("--etcd-cacert", default=None, metavar="FILE", help="as etcdctl --cacert")
+    p.add_argument("--etcd-cert", default=None, metavar="FILE", help="as etcdctl --cert")
+    p.add_argument("--etcd-key", default=None, metavar="FILE", help="as etcdctl --key")
+    p.add_argument("job", nargs="?", default=None, help="the job id `phalanx run` printed")
+    a = p.parse_args(argv)
+    from .attach import main as attach
+    return attach(argv, p, _etcd(a, p), a.job)
+
+
 def bench_main(argv: list[str]) -> int:
     """`phalanx bench NAME ...`: dispatch to phalanx.bench.NAME.main."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -349,9 +365,10 @@ def bench_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: phalanx {run,join,agent,bench} ...\n\n"
+        print("usage: phalanx {run,join,attach,agent,bench} ...\n\n"
               "  run     run a script on N fault-tolerant workers (phalanx run --help)\n"
               "  join    add a worker to a running job (phalanx join --help)\n"
+              "  attach  follow a job recorded in etcd, from any host (phalanx attach --help)\n"
               "  agent   start one host's workers for a coordinator elsewhere (phalanx agent "
               "--help)\n"
               "  bench   benchmarks against DDP, Gloo, TCP, torchrun (phalanx bench --help)")
@@ -370,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(rest)
     if cmd == "join":
         return join_main(rest)
+    if cmd == "attach":
+        return attach_main(rest)
     if cmd == "agent":
         from .agent import main as agent_main
         return agent_main(rest)

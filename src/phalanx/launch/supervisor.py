@@ -223,6 +223,8 @@ class Supervisor:
                                             job={"np": cfg.np, "min_np": cfg.min_np,
                                                  "program": cfg.script})
                 self.server.membership.durable = self.durable
+                self.say(f"job {self.job_id} is recorded in etcd; follow it from any host: "
+                         f"phalanx attach --etcd {','.join(cfg.etcd.endpoints)} {self.job_id}")
             if self.fleet is not None:
                 self.fleet.start()
             else:

@@ -62,3 +62,42 @@ class AuthenticationError(PhalanxError):
 class CheckpointError(PhalanxError):
     """A checkpoint directory that cannot be trusted or shared, checkpoints that cannot be
     loaded, or saves that keep failing; the message says what to do."""
+
+
+class MembershipChanged(PhalanxError):
+    """Workers are waiting to join: leave the step loop at a step boundary and re-form."""
+
+
+class ProgressLost(PhalanxError):
+    """Every worker holding the newest training state was lost; continuing would restart."""
+
+
+class JobFailed(PhalanxError):
+    """The job stopped before its workers finished: too few workers were left, or a worker
+    of a job that is not elastic was lost. `cause` says which worker started it."""
+
+    def __init__(self, message: str, *, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+        """One phrase naming the worker whose exit started the failure (empty if none)."""
+
+
+class WorkerError(JobFailed):
+    """`fn` raised on one rank. The original exception, when it could be sent back to the
+    driver, is this error's ``__cause__``; `remote_traceback` is its traceback as text."""
+
+    def __init__(self, message: str, *, rank: int, worker: str, exc_type: str,
+                 exc_message: str, where: str, remote_traceback: str) -> None:
+        super().__init__(message, cause=message)
+        self.rank = rank
+        """Rank slot the failing worker was started for (its rank in the first generation)."""
+        self.worker = worker
+        """Its worker id: ``w<slot>``, or ``w<slot>.<n>`` for the n-th replacement."""
+        self.exc_type = exc_type
+        """Name of the exception's type, e.g. ``'ValueError'``."""
+        self.exc_message = exc_message
+        """The exception's message."""
+        self.where = where
+        """``file:line`` of the innermost frame of user code where it was raised."""
+        self.remote_traceback = remote_traceback
+        """The traceback as the worker printed it."""

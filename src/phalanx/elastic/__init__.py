@@ -42,8 +42,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from ..errors import CheckpointError, MembershipChanged, ProgressLost
     from .checkpoint import Checkpointer
-    from ..errors import CheckpointError
     from .handlers import Handler, RNGState, Stateful, register_handler
     from .loop import recover, reform, run
-    from .state import MembershipChanged, ProgressLost, State
+    from .state import State

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from .. import env, runtime
 from ..comm.group import Placement
-from ..errors import JobFinished, RendezvousError, WorkerLost
-from .state import MembershipChanged, State, record_recovery
+from ..errors import JobFinished, MembershipChanged, RendezvousError, WorkerLost
+from .state import State, record_recovery
 
 log = logging.getLogger("phalanx.elastic")
 R = TypeVar("R")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import env, runtime
-from ..errors import PhalanxError, WorkerLost
+from ..errors import MembershipChanged, PhalanxError, ProgressLost, WorkerLost
 from . import policy
 from .chaos import ChaosRule, Injector
 from .handlers import Handler, LoaderHandler, handler_for
@@ -31,14 +31,6 @@ _STEP_OWNED = (
     "checkpoints. Setting it (state.step = ..., state.step += 1, for state.step in ...) would "
     "count steps twice; read it, and keep a counter of your own in a field with another name "
     "(State(..., my_step=0))")
-
-
-class MembershipChanged(PhalanxError):
-    """Workers are waiting to join: leave the step loop at a step boundary and re-form."""
-
-
-class ProgressLost(PhalanxError):
-    """Every worker holding the newest training state was lost; continuing would restart."""
 
 
 class State:

@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader
 import phalanx as px
 from phalanx import runtime
 from phalanx.elastic.loop import elastic_enabled, reform
-from phalanx.elastic.state import MembershipChanged, State, record_recovery
-from phalanx.errors import ConfigError, WorkerLost
+from phalanx.elastic.state import State, record_recovery
+from phalanx.errors import ConfigError, MembershipChanged, WorkerLost
 
 from .loaders import evaluation_loader, training_loader
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import HEARTBEAT_TIMEOUT, TIMEOUT
-from .errors import JobFailed, WorkerError
+from ..errors import JobFailed, WorkerError
 
 __all__ = ["JobFailed", "WorkerError", "run"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import env
+from ..errors import JobFailed, WorkerError
 from ..launch import report
-from .errors import JobFailed, WorkerError
 from .spec import RunSpec
 from .worker import Outcome, Where
 

@@ -12,7 +12,7 @@ import pickle
 from dataclasses import dataclass
 from typing import Any
 
-from ..ray.errors import JobFailed, WorkerError
+from ..errors import JobFailed, WorkerError
 
 __all__ = ["JobFailed", "WorkerError", "WorkerResult", "failure", "in_rank_order", "root_cause",
            "value"]

@@ -9,8 +9,7 @@ Horovod).
 
 from __future__ import annotations
 
-from ...elastic.state import MembershipChanged
-from ...errors import WorkerLost
+from ...errors import MembershipChanged, WorkerLost
 
 HorovodInternalError = WorkerLost
 

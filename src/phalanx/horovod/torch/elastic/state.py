@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ....elastic.state import MembershipChanged, State
+from ....elastic.state import State
+from ....errors import MembershipChanged
 from ...common.exceptions import HostsUpdatedInterrupt
 from .sampler import ElasticSampler
 

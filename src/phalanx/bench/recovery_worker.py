@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     import phalanx as px
+    from phalanx import env
     from phalanx.data import ArrayDataset, ShardedLoader
 
     torch.set_num_threads(1)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     y_all = torch.tensor(digits.target)
     loader = ShardedLoader(ArrayDataset(x_all, y_all), batch_size=args.batch_size, seed=0)
     px.init()
-    me = os.environ.get("PHALANX_WORKER_ID", "solo")
+    me = env.get_str(env.WORKER_ID, "solo")
     with open(os.path.join(args.out, f"pid.{me}"), "w") as f:
         f.write(str(os.getpid()))
     torch.manual_seed(0)

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import phalanx as px
+    from phalanx import env
     from phalanx.data import ArrayDataset, ShardedLoader
 
     torch.set_num_threads(1)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     # (seconds on a loaded machine), and the peers wait for a joining replacement to be ready.
     sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     px.init()
-    me = os.environ.get("PHALANX_WORKER_ID", "solo")
+    me = env.get_str(env.WORKER_ID, "solo")
     with open(os.path.join(args.out, f"pid.{me}"), "w") as f:
         f.write(str(os.getpid()))
     opt = px.DistributedOptimizer(sgd, model=model)

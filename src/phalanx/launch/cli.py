@@ -164,7 +164,8 @@ def run_main(argv: list[str]) -> int:
         p.error(str(e))
     if a.progress is not None and not a.progress > 0:
         p.error(f"--progress must be > 0 seconds, got {a.progress}")
-    a.timeline = a.timeline or os.environ.get("HOROVOD_TIMELINE") or None
+    from .. import env
+    a.timeline = a.timeline or env.get_str(env.HOROVOD_TIMELINE) or None
     for flag, path in (("--timeline", a.timeline), ("--metrics", a.metrics)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{flag} {path!r}: directory {os.path.dirname(os.path.abspath(path))!r} "

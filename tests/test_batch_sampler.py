@@ -111,9 +111,35 @@ def test_state_heals_another_rank_and_rejects_another_dataset() -> None:
 def test_live_shards_cover_the_dataset_at_any_size() -> None:
     for size in (1, 2, 3):
         world = World(size)
-        seen = []
+        per_rank = []
         with _collective.use_backend(world):
             for r in range(size):
                 world.rank_ = r
-                seen.extend(LiveShardSampler(10))
-        assert sorted(seen) == list(range(10))
+                per_rank.append(list(LiveShardSampler(10)))
+        seen = [i for part in per_rank for i in part]
+        assert sorted(set(seen)) == list(range(10))
+        # as torch's DistributedSampler: equal counts, the wrap-around repeats the first ones
+        assert {len(p) for p in per_rank} == {-(-10 // size)}
+        assert sorted(seen) == sorted([*range(10), *range(len(seen) - 10)])
+
+
+def test_a_loss_in_the_last_step_carries_its_share_into_the_next_epoch() -> None:
+    world = World(2)
+    a, b = ElasticBatchSampler(8, 4, shuffle=False), ElasticBatchSampler(8, 4, shuffle=False)
+    with _collective.use_backend(world):
+        ia, ib = iter(a), iter(b)
+        for _ in range(2):  # both steps of epoch 0 drawn; the first one completes
+            world.rank_ = 0
+            next(ia)
+            world.rank_ = 1
+            next(ib)
+        a.on_step_done()
+        a.on_lost([0], 1)  # rank 1 is lost in the last step; rank 0 redoes its share
+        trained = [i for step in ([0, 1, 2, 3], a.pending[0][0]) for i in step]
+        a.on_step_done()
+        world.size_, world.rank_ = 1, 0
+        a.set_epoch(1)
+        first = next(iter(a))
+    assert trained == [0, 1, 2, 3, 4, 5]
+    assert first[:2] == [6, 7]  # the lost share opens epoch 1, before its own samples
+    assert len(first) == 5  # 10 samples over epoch 1's 2 steps: it keeps its step count

@@ -83,12 +83,14 @@ trainer = L.Trainer(strategy=PhalanxStrategy(), max_epochs=EPOCHS, accelerator="
 train = DataLoader(Indexed(N, 0), batch_size=BATCH, shuffle=True)
 val = DataLoader(Indexed(12, 1), batch_size=2)
 trainer.fit(model, train, val)
+fit_val = float(trainer.callback_metrics["val_loss"])
+validated = trainer.validate(model, val, verbose=False)[0]["val_loss"]
 with open(os.path.join(OUT, f"final-{os.getpid()}.json"), "w") as f:
     json.dump({"rank": trainer.global_rank, "size": trainer.world_size,
                "global_step": trainer.global_step, "epoch": trainer.current_epoch,
                "recoveries": len(trainer.strategy.recoveries),
                "params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
-               "val_loss": float(trainer.callback_metrics["val_loss"])}, f)
+               "val_loss": fit_val, "validate_loss": validated}, f)
 ''' % {"N": N, "BATCH": BATCH, "EPOCHS": EPOCHS, "LR": LR}  # noqa: UP031 (braces in it)
 
 
@@ -184,6 +186,8 @@ def test_static_fit_equals_one_process_and_checkpoints(job, tmp_path) -> None:
         assert torch.allclose(got, want, rtol=0, atol=1e-9), (got, want)
     # the metric logged with sync_dist is the mean of the ranks' validation losses
     assert len({f["val_loss"] for f in finals}) == 1
+    # trainer.validate after fit (the strategy set up for evaluation) sees the same model
+    assert all(f["validate_loss"] == pytest.approx(f["val_loss"], abs=1e-12) for f in finals)
     assert list((tmp_path / "out").glob("*.ckpt")), "ModelCheckpoint saved nothing"
 
 

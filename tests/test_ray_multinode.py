@@ -15,6 +15,7 @@ it adds it if the first did not run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -159,6 +160,18 @@ def start_driver(rh: RayHosts, fn: str, mark: Path) -> subprocess.Popen:
                     text=True)
 
 
+@contextlib.contextmanager
+def driver(rh: RayHosts, fn: str, mark: Path) -> Iterator[subprocess.Popen]:
+    """`start_driver`, killed on the way out if the test left it running."""
+    p = start_driver(rh, fn, mark)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 def finish(p: subprocess.Popen, timeout: float) -> tuple[dict, str]:
     """The driver's RESULT and its stderr (the phalanx.ray progress lines)."""
     try:
@@ -184,18 +197,13 @@ def wait_for(path: Path, pattern: str, timeout: float, p: subprocess.Popen) -> N
 @pytest.mark.timeout(240)
 def test_workers_on_a_node_that_joins_after_run_reach_the_coordinator(ray_hosts) -> None:
     mark = ray_hosts.tmp / "m1"
-    p = start_driver(ray_hosts, "collectives", mark)
-    try:
+    with driver(ray_hosts, "collectives", mark) as p:
         wait_for(mark, ".called", 60, p)
         # Join once run() is placing the workers: the group cannot be placed without this
         # node (the head has 1 CPU), and run() began while the head was alone.
         time.sleep(2)
         ray_hosts.join_second_node()
         res, err = finish(p, 150)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
     assert "out" in res, f"{res}\n{err}"
     out = res["out"]
     h0, h1 = ray_hosts.hosts[0].name, ray_hosts.hosts[1].name
@@ -215,16 +223,11 @@ def test_a_cut_off_node_is_reported_lost_and_not_waited_for(ray_hosts) -> None:
     if not ray_hosts.joined:
         ray_hosts.join_second_node()
     mark = ray_hosts.tmp / "m2"
-    p = start_driver(ray_hosts, "steps", mark)
-    try:
+    with driver(ray_hosts, "steps", mark) as p:
         wait_for(mark, ".[0-9]*", 120, p)
         time.sleep(0.5)  # both workers there park at the same step
         ray_hosts.hosts[1].cut()
         res, err = finish(p, 120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
     assert "out" in res, f"{res}\n{err}"
     out = res["out"]
     h0, h1 = ray_hosts.hosts[0], ray_hosts.hosts[1]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import EtcdUnavailable, LeadershipLost, PhalanxError
+from ..errors import ConfigError, EtcdUnavailable, LeadershipLost
 from .election import Election, Leadership
 from .etcd import EtcdClient
 
@@ -63,7 +63,7 @@ def parse_endpoints(text: str) -> tuple[str, ...]:
     """`host:port[,host:port...]` as given to --etcd (schemes allowed), checked."""
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     if not parts:
-        raise PhalanxError(f"--etcd {text!r}: give host:port[,host:port...], e.g. "
+        raise ConfigError(f"--etcd {text!r}: give host:port[,host:port...], e.g. "
                            "--etcd 10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379")
     return parts
 

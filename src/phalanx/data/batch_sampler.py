@@ -96,8 +96,8 @@ class ElasticBatchSampler(torch.utils.data.Sampler[list[int]]):
         """The group re-formed keeping old ranks `kept` (new rank i was old rank kept[i]):
         pending plans now name the new ranks, and the lost ranks' shares are queued again."""
         size = len(kept) if world_size is None else world_size
+        keep = set(kept)
         for i, plan in enumerate(self.pending):
-            keep = set(kept)
             self.requeue.extend(x for r, part in enumerate(plan) if r not in keep for x in part)
             self.pending[i] = [plan[r] if r < len(plan) else [] for r in kept] + \
                 [[] for _ in range(size - len(kept))]
@@ -164,7 +164,9 @@ class ElasticBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 class LiveShardSampler(torch.utils.data.Sampler[int]):
     """Evaluation order: each pass serves samples rank, rank + size, ... of the dataset, by the
-    rank and world size at the start of the pass (so a pass after a loss covers everything)."""
+    rank and world size at the start of the pass (so a pass after a loss covers everything).
+    As torch's DistributedSampler, the last samples wrap around so that every rank serves the
+    same number (a collective per batch stays matched)."""
 
     def __init__(self, num_samples: int) -> None:
         self.num_samples = _check_int("num_samples", num_samples, minimum=0)
@@ -173,4 +175,7 @@ class LiveShardSampler(torch.utils.data.Sampler[int]):
         return math.ceil(self.num_samples / max(1, _collective.size()))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(_collective.rank(), self.num_samples, _collective.size()))
+        size, rank = _collective.size(), _collective.rank()
+        total = len(self) * size
+        return (i % self.num_samples for i in range(rank, total, size)) \
+            if self.num_samples else iter(())

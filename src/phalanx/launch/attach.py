@@ -24,8 +24,7 @@ PROGRESS_EVERY = 5.0
 """Seconds between progress lines while the job's step moves."""
 
 
-def main(argv: list[str], parser: argparse.ArgumentParser, s: EtcdSettings,
-         job: str | None) -> int:
+def main(parser: argparse.ArgumentParser, s: EtcdSettings, job: str | None) -> int:
     """List the jobs (job None) or follow one; the exit status is the job's."""
     try:
         if job is None:

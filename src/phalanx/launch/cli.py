@@ -331,7 +331,7 @@ def attach_main(argv: list[str]) -> int:
     p.add_argument("job", nargs="?", default=None, help="the job id `phalanx run` printed")
     a = p.parse_args(argv)
     from .attach import main as attach
-    return attach(argv, p, _etcd(a, p), a.job)
+    return attach(p, _etcd(a, p), a.job)
 
 
 def bench_main(argv: list[str]) -> int:

@@ -217,14 +217,8 @@ class Supervisor:
                             self.host)
         rc = 1
         try:
-            if cfg.etcd is not None:
-                self.durable = etcdjob.lead(cfg.etcd, job_id=self.job_id, host=self.host,
-                                            address=self.server.address,
-                                            job={"np": cfg.np, "min_np": cfg.min_np,
-                                                 "program": cfg.script})
-                self.server.membership.durable = self.durable
-                self.say(f"job {self.job_id} is recorded in etcd; follow it from any host: "
-                         f"phalanx attach --etcd {','.join(cfg.etcd.endpoints)} {self.job_id}")
+            if cfg.etcd is not None and not self._lead_in_etcd():
+                return 2
             if self.fleet is not None:
                 self.fleet.start()
             else:
@@ -232,9 +226,6 @@ class Supervisor:
                     self._spawn(slot, 0)
             rc = self._supervise()
             return rc
-        except PhalanxError as e:
-            self.say(f"job failed: {e}")
-            return 2
         finally:
             self._stop_workers(grace=2.0)
             if self.durable is not None:
@@ -255,6 +246,24 @@ class Supervisor:
                     pass
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def _lead_in_etcd(self) -> bool:
+        """--etcd: lead the job there before any worker starts; False (said why) if etcd
+        cannot be used."""
+        cfg = self.cfg
+        assert cfg.etcd is not None
+        try:
+            self.durable = etcdjob.lead(cfg.etcd, job_id=self.job_id, host=self.host,
+                                        address=self.server.address,
+                                        job={"np": cfg.np, "min_np": cfg.min_np,
+                                             "program": cfg.script})
+        except PhalanxError as e:
+            self.say(f"job failed: {e}")
+            return False
+        self.server.membership.durable = self.durable
+        self.say(f"job {self.job_id} is recorded in etcd; follow it from any host: "
+                 f"phalanx attach --etcd {','.join(cfg.etcd.endpoints)} {self.job_id}")
+        return True
 
     def _reap(self) -> tuple[int, list[report.Exit]]:
         """(workers still running, workers that exited since the last call)."""

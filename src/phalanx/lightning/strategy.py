@@ -124,7 +124,7 @@ class PhalanxStrategy(ParallelStrategy):
                                 sampler=self._sampler)
             self._state.sync()  # every rank starts from rank 0's model, as DDP's broadcast
         else:
-            px.broadcast_parameters(self.lightning_module.state_dict(), root_rank=0)
+            px.broadcast_parameters(self.lightning_module, root=0)  # validate/test/predict
 
     def _check_recoverable(self, trainer: pl.Trainer) -> None:
         if not elastic_enabled():

@@ -92,7 +92,8 @@ def test_job_records_membership_in_etcd_and_survives_a_member_kill(own_etcd_clus
     try:
         _wait(join.exists, 60, "the join file")
         secret = json.loads(join.read_text())["secret"]
-        (job,) = _records(cluster)  # its record is there before any worker starts
+        _wait(lambda: _records(cluster), 30, "the job's record in etcd")
+        (job,) = _records(cluster)
         attach = subprocess.Popen([sys.executable, "-m", "phalanx.launch.cli", "attach",
                                    "--etcd", ",".join(cluster.endpoints), job], env=_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
